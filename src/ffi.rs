@@ -1,0 +1,497 @@
+//! The exported C ABI: where a count crosses from Lua into Rust.
+//!
+//! Each function is a short adapter from raw pointers to the safe core in
+//! `flush.rs`, run inside [`guard`], so no panic ever unwinds into nginx.
+//! The one source of truth for these prototypes is the `ffi.cdef` block in
+//! `lua/resty/counter.lua`; `tests/abi.rs` fails when the two drift apart.
+//!
+//! Return codes (`int32_t`): `>= 0` describe what happened to a delta,
+//! `< 0` are errors of the call itself. [`resty_counter_strerror`] names each.
+
+use std::ffi::{c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+
+use crate::flush::{DictError, Flusher, Limits, Outcome, Rejected};
+use crate::shdict::{OpenError, ShDict};
+
+/// Bumped whenever a prototype or a code's meaning changes; the shim
+/// refuses a library whose version differs from its own.
+pub const ABI_VERSION: u32 = 1;
+
+/// The delta reached the dict.
+pub const RC_STORED: i32 = 0;
+/// The delta reached the dict; other entries were evicted for it.
+pub const RC_STORED_EVICTED: i32 = 1;
+/// The dict is full; the delta is pending and retried at the next sync.
+pub const RC_RETAINED: i32 = 2;
+/// The key holds a non-number; the delta is dropped.
+pub const RC_DROPPED_NOT_A_NUMBER: i32 = 3;
+/// The dict is full and so is the pending cap; the delta is dropped.
+pub const RC_DROPPED_CAP: i32 = 4;
+/// The dict failed in another way; the delta is dropped.
+pub const RC_DROPPED_OTHER: i32 = 5;
+/// A required pointer argument was NULL.
+pub const RC_NULL: i32 = -1;
+/// Key empty or longer than 65535 bytes; nothing changed.
+pub const RC_BAD_KEY: i32 = -2;
+/// Delta NaN or infinite; nothing changed.
+pub const RC_BAD_DELTA: i32 = -3;
+/// No shared dict entry point in this process.
+pub const RC_NO_SYMBOL: i32 = -4;
+/// The dict's zone could not be found.
+pub const RC_BAD_ZONE: i32 = -5;
+/// A Rust panic was caught; nothing crossed into nginx.
+pub const RC_PANIC: i32 = -6;
+
+/// Number of fields `resty_counter_flusher_stats` can write.
+pub const STATS_FIELDS: usize = 11;
+
+/// One worker's flush state for one dict, opaque to C.
+pub struct Handle {
+    flusher: Flusher<ShDict>,
+}
+
+/// Runs `f`, turning a panic into `on_panic`.
+fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
+}
+
+fn outcome_code(o: Outcome) -> i32 {
+    match o {
+        Outcome::Stored => RC_STORED,
+        Outcome::StoredEvicted => RC_STORED_EVICTED,
+        Outcome::Retained(_) => RC_RETAINED,
+        Outcome::Dropped(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
+        Outcome::Dropped(_) => RC_DROPPED_OTHER,
+        Outcome::DroppedCap => RC_DROPPED_CAP,
+    }
+}
+
+/// The ABI version this library implements.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_abi_version() -> u32 {
+    ABI_VERSION
+}
+
+/// A static, NUL-terminated message for a return code.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
+    let msg: &'static std::ffi::CStr = match code {
+        RC_STORED => c"ok",
+        RC_STORED_EVICTED => c"ok, evicted other entries",
+        RC_RETAINED => c"no memory",
+        RC_DROPPED_NOT_A_NUMBER => c"not a number",
+        RC_DROPPED_CAP => c"no memory, retention cap full: dropped",
+        RC_DROPPED_OTHER => c"shared dict error",
+        RC_NULL => c"NULL argument",
+        RC_BAD_KEY => c"key must be 1 to 65535 bytes",
+        RC_BAD_DELTA => c"delta must be a finite number",
+        RC_NO_SYMBOL => c"no ngx_*_lua_ffi_shdict_incr in this process",
+        RC_BAD_ZONE => c"bad shared dict zone",
+        RC_PANIC => c"internal error (caught panic)",
+        _ => c"unknown code",
+    };
+    msg.as_ptr()
+}
+
+/// Seconds on a monotonic clock, for the shim's slice budget.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_clock() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Creates the flush state for one dict in this worker.
+///
+/// `subsystem` (`ngx.config.subsystem`, not NUL-terminated) picks the entry
+/// point (`http` or `stream`, the meta module's as fallback); `zone_udata` is
+/// `dict[1]`. `max_keys` and `max_bytes` cap pending deltas (0: default).
+///
+/// # Safety
+/// `subsystem` must point at `subsystem_len` readable bytes (or be NULL with
+/// length 0); `zone_udata` must be `dict[1]` of a live shared dict; `err`
+/// may be NULL, else it must be writable.
+///
+/// # Errors
+/// Returns NULL and sets `*err` to `RC_NULL`, `RC_NO_SYMBOL`, `RC_BAD_ZONE`
+/// or `RC_PANIC`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_new(
+    subsystem: *const u8,
+    subsystem_len: usize,
+    zone_udata: *mut c_void,
+    max_keys: u32,
+    max_bytes: f64,
+    err: *mut i32,
+) -> *mut Handle {
+    let mut code = RC_PANIC;
+    let handle = guard(ptr::null_mut(), || {
+        // SAFETY: the caller guarantees subsystem_len readable bytes.
+        let Some(sub) = (unsafe { bytes(subsystem, subsystem_len) }) else {
+            code = RC_NULL;
+            return ptr::null_mut();
+        };
+        // SAFETY: the caller guarantees zone_udata is dict[1] of a live dict.
+        let dict = match unsafe { ShDict::open(sub, zone_udata) } {
+            Ok(d) => d,
+            Err(OpenError::NoSymbol) => {
+                code = RC_NO_SYMBOL;
+                return ptr::null_mut();
+            }
+            Err(OpenError::BadZone) => {
+                code = RC_BAD_ZONE;
+                return ptr::null_mut();
+            }
+        };
+        code = RC_STORED;
+        let flusher = Flusher::new(dict, limits(max_keys, max_bytes));
+        Box::into_raw(Box::new(Handle { flusher }))
+    });
+    if !err.is_null() {
+        // SAFETY: err is non-NULL and the caller guarantees it is writable.
+        unsafe { *err = code };
+    }
+    handle
+}
+
+fn limits(max_keys: u32, max_bytes: f64) -> Limits {
+    let d = Limits::default();
+    Limits {
+        max_keys: if max_keys == 0 {
+            d.max_keys
+        } else {
+            max_keys as usize
+        },
+        max_bytes: if max_bytes.is_finite() && max_bytes >= 1.0 {
+            max_bytes as usize
+        } else {
+            d.max_bytes
+        },
+    }
+}
+
+/// Frees a handle; NULL is a no-op. Pending deltas are discarded: the shim
+/// never frees a handle while its dict is in use (handles live as long as
+/// the worker).
+///
+/// # Safety
+/// `h` must be NULL or a handle from `resty_counter_flusher_new` not freed
+/// before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_free(h: *mut Handle) {
+    guard((), || {
+        if !h.is_null() {
+            // SAFETY: h came from Box::into_raw and is freed only here, once.
+            drop(unsafe { Box::from_raw(h) });
+        }
+    })
+}
+
+/// Hands one delta over and writes it into the dict (init 0).
+///
+/// # Safety
+/// `h` must be NULL or a live handle; `key` must point at `key_len`
+/// readable bytes (any bytes, NUL included).
+///
+/// # Errors
+/// `RC_NULL`, `RC_BAD_KEY`, `RC_BAD_DELTA` (nothing changed), `RC_PANIC`;
+/// otherwise one of the `>= 0` outcome codes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_add(
+    h: *mut Handle,
+    key: *const u8,
+    key_len: usize,
+    delta: f64,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live and not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        // SAFETY: the caller guarantees key_len readable bytes at key.
+        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+            return RC_NULL;
+        };
+        match h.flusher.add(key, delta) {
+            Ok(o) => outcome_code(o),
+            Err(Rejected::BadKey) => RC_BAD_KEY,
+            Err(Rejected::BadDelta) => RC_BAD_DELTA,
+        }
+    })
+}
+
+/// Starts a sync: times it and makes every pending delta due for a retry.
+///
+/// # Safety
+/// `h` must be NULL or a live handle.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_begin(h: *mut Handle) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live and not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        h.flusher.begin();
+        RC_STORED
+    })
+}
+
+/// Retries pending deltas for at most `budget` seconds (`<= 0`: no limit).
+/// Returns how many are left untried in this sync (0: done).
+///
+/// # Safety
+/// `h` must be NULL or a live handle.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC` (negative).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live and not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        let budget = (budget > 0.0 && budget.is_finite())
+            .then(|| std::time::Duration::from_secs_f64(budget));
+        i32::try_from(h.flusher.retry(budget)).unwrap_or(i32::MAX)
+    })
+}
+
+/// Ends a sync; `ok` is 0 when the shim saw a key fail. Returns how many
+/// deltas the pending cap dropped during this sync.
+///
+/// # Safety
+/// `h` must be NULL or a live handle.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC` (negative).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_end(h: *mut Handle, ok: i32) -> f64 {
+    guard(f64::from(RC_PANIC), || {
+        // SAFETY: h is NULL or live and not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return f64::from(RC_NULL);
+        };
+        h.flusher.end(ok != 0) as f64
+    })
+}
+
+/// Writes up to `n` statistics into `out`, in this order: pending_keys,
+/// pending_bytes, keys_flushed, retries, dropped_deltas, dropped_permanent,
+/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds.
+/// Returns how many it wrote.
+///
+/// # Safety
+/// `h` must be NULL or a live handle; `out` must have room for `n` doubles.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC` (negative).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_stats(
+    h: *mut Handle,
+    out: *mut f64,
+    n: usize,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live; only read.
+        let Some(h) = (unsafe { h.as_ref() }) else {
+            return RC_NULL;
+        };
+        if out.is_null() {
+            return RC_NULL;
+        }
+        let s = h.flusher.stats();
+        let fields = [
+            s.pending_keys as f64,
+            s.pending_bytes as f64,
+            s.keys_flushed as f64,
+            s.retries as f64,
+            s.dropped_deltas as f64,
+            s.dropped_permanent as f64,
+            s.evictions as f64,
+            s.failed_writes as f64,
+            s.syncs as f64,
+            s.failed_syncs as f64,
+            s.last_sync_ns as f64 * 1e-9,
+        ];
+        let n = n.min(fields.len());
+        // SAFETY: out is non-NULL with room for n >= this many doubles.
+        let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
+        out.copy_from_slice(&fields[..n]);
+        n as i32
+    })
+}
+
+/// A borrowed byte slice from a C (pointer, length); `None` for a NULL
+/// pointer with a non-zero length.
+///
+/// # Safety
+/// `p` must be NULL or point at `len` readable bytes that outlive the use.
+unsafe fn bytes<'a>(p: *const u8, len: usize) -> Option<&'a [u8]> {
+    if p.is_null() {
+        return (len == 0).then_some(&[][..]);
+    }
+    // SAFETY: p is non-NULL and the caller guarantees len readable bytes.
+    Some(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn guard_turns_panics_into_codes() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let rc = guard(RC_PANIC, || -> i32 { panic!("boom") });
+        std::panic::set_hook(prev);
+        assert_eq!(rc, RC_PANIC);
+        assert_eq!(guard(RC_PANIC, || 7), 7);
+    }
+
+    #[test]
+    fn every_export_answers_null_handles() {
+        // SAFETY: NULL handles are part of every export's contract.
+        unsafe {
+            assert_eq!(
+                resty_counter_flusher_add(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
+                RC_NULL
+            );
+            assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
+            assert_eq!(resty_counter_flusher_retry(ptr::null_mut(), 0.0), RC_NULL);
+            assert_eq!(
+                resty_counter_flusher_end(ptr::null_mut(), 1),
+                f64::from(RC_NULL)
+            );
+            let mut out = [0.0; STATS_FIELDS];
+            assert_eq!(
+                resty_counter_flusher_stats(ptr::null_mut(), out.as_mut_ptr(), out.len()),
+                RC_NULL
+            );
+            resty_counter_flusher_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn new_outside_nginx_reports_why() {
+        let mut err = 0;
+        let mut udata = 0u8;
+        // SAFETY: valid subsystem bytes, a readable udata, a writable err.
+        let h = unsafe {
+            resty_counter_flusher_new(
+                b"http".as_ptr(),
+                4,
+                (&mut udata as *mut u8).cast(),
+                0,
+                0.0,
+                &mut err,
+            )
+        };
+        assert!(h.is_null());
+        assert_eq!(err, RC_NO_SYMBOL);
+        // SAFETY: a NULL zone and a NULL subsystem with length 3 are refused.
+        let h =
+            unsafe { resty_counter_flusher_new(ptr::null(), 3, ptr::null_mut(), 0, 0.0, &mut err) };
+        assert!(h.is_null());
+        assert_eq!(err, RC_NULL);
+        // SAFETY: err may be NULL.
+        let h = unsafe {
+            resty_counter_flusher_new(
+                b"http".as_ptr(),
+                4,
+                ptr::null_mut(),
+                0,
+                0.0,
+                ptr::null_mut(),
+            )
+        };
+        assert!(h.is_null());
+    }
+
+    #[test]
+    fn add_checks_key_and_delta_through_the_abi() {
+        let mut h = test_handle();
+        let hp: *mut Handle = &mut *h;
+        // SAFETY: hp is live for the whole test; keys are valid slices.
+        unsafe {
+            assert_eq!(
+                resty_counter_flusher_add(hp, ptr::null(), 0, 1.0),
+                RC_BAD_KEY
+            );
+            assert_eq!(resty_counter_flusher_add(hp, ptr::null(), 5, 1.0), RC_NULL);
+            assert_eq!(
+                resty_counter_flusher_add(hp, b"k".as_ptr(), 1, f64::NAN),
+                RC_BAD_DELTA
+            );
+            assert_eq!(
+                resty_counter_flusher_add(hp, b"k\0x".as_ptr(), 3, 2.0),
+                RC_STORED
+            );
+            assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
+            assert_eq!(resty_counter_flusher_retry(hp, 0.0), 0);
+            assert_eq!(resty_counter_flusher_end(hp, 1), 0.0);
+            let mut out = [f64::NAN; STATS_FIELDS + 2];
+            assert_eq!(
+                resty_counter_flusher_stats(hp, out.as_mut_ptr(), out.len()),
+                STATS_FIELDS as i32
+            );
+            assert_eq!(out[2], 1.0, "keys_flushed");
+            assert_eq!(out[8], 1.0, "syncs");
+            assert!(out[STATS_FIELDS].is_nan(), "wrote past its fields");
+            assert_eq!(resty_counter_flusher_stats(hp, ptr::null_mut(), 3), RC_NULL);
+        }
+    }
+
+    #[test]
+    fn every_code_has_a_message() {
+        for code in -7..=6 {
+            // SAFETY: strerror returns a static NUL-terminated string.
+            let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
+            assert!(!msg.to_bytes().is_empty());
+        }
+        // SAFETY: as above.
+        let msg = unsafe { CStr::from_ptr(resty_counter_strerror(RC_RETAINED)) };
+        assert_eq!(msg.to_bytes(), b"no memory");
+    }
+
+    #[test]
+    fn clock_is_monotonic() {
+        let a = resty_counter_clock();
+        let b = resty_counter_clock();
+        assert!(a > 0.0 && b >= a);
+    }
+
+    #[test]
+    fn limits_fall_back_to_defaults() {
+        assert_eq!(limits(0, 0.0), Limits::default());
+        assert_eq!(
+            limits(5, 100.0),
+            Limits {
+                max_keys: 5,
+                max_bytes: 100
+            }
+        );
+        assert_eq!(limits(0, f64::NAN).max_bytes, Limits::default().max_bytes);
+    }
+
+    /// A handle over a stand-in dict that accepts everything.
+    fn test_handle() -> Box<Handle> {
+        use crate::shdict::tests_support::accepting_dict;
+        Box::new(Handle {
+            flusher: Flusher::new(accepting_dict(), Limits::default()),
+        })
+    }
+}

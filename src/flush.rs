@@ -1,0 +1,614 @@
+//! The flush: moving a worker's deltas into the shared dict.
+//!
+//! The Lua shim buffers increments in a Lua table (the hot path never crosses
+//! into Rust). At sync time it hands each `(key, delta)` to [`Flusher::add`],
+//! which writes it into the shared dict at once. From that hand-over on, Rust
+//! owns the delta until it reaches the dict:
+//!
+//! - a write that succeeds is done;
+//! - a transient failure (`no memory`: the dict is full and 30 LRU evictions
+//!   did not make room) keeps the delta pending; [`Flusher::retry`] tries it
+//!   again at the next sync, and a later delta for the same key is merged
+//!   into it, so nothing is counted twice or lost;
+//! - a permanent failure (`not a number`: the key holds a string) drops the
+//!   delta and reports it: retrying could never succeed;
+//! - pending deltas are capped in keys and in bytes, so a dict that stays full
+//!   cannot grow worker memory without bound; what the cap refuses is
+//!   dropped and counted.
+//!
+//! Nothing here is `unsafe`: the dict is a trait, implemented over the nginx
+//! entry point in `shdict.rs` and by a stand-in in the tests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Longest key the shared dict accepts (nginx stores the length in a u16).
+pub const MAX_KEY_LEN: usize = 65535;
+
+/// Bytes a pending entry costs beyond its key (hash slot, box header, delta).
+const ENTRY_OVERHEAD: usize = 48;
+
+/// Why the dict refused a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DictError {
+    /// The dict is full: transient, worth retrying.
+    NoMemory,
+    /// The key holds a value that is not a number: permanent.
+    NotANumber,
+    /// Any other message from the dict: treated as permanent.
+    Other,
+}
+
+impl DictError {
+    /// Classifies the static message nginx returns in `*err`.
+    pub fn from_message(msg: &[u8]) -> Self {
+        match msg {
+            b"no memory" => DictError::NoMemory,
+            b"not a number" => DictError::NotANumber,
+            _ => DictError::Other,
+        }
+    }
+
+    /// Whether a later attempt may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, DictError::NoMemory)
+    }
+}
+
+/// A successful write: `evicted` is nginx's `forcible`, other entries were
+/// evicted from the dict to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub evicted: bool,
+}
+
+/// What the flush needs of a shared dict: `incr(key, delta, init = 0)`.
+pub trait Dict {
+    /// Adds `delta` to the number at `key`, creating it at 0 if missing.
+    fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError>;
+}
+
+/// What became of one handed-over delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It reached the dict.
+    Stored,
+    /// It reached the dict, and the dict evicted other entries to make room.
+    StoredEvicted,
+    /// The dict refused it for now; it is pending and will be retried.
+    Retained(DictError),
+    /// The dict refused it for good; it is dropped.
+    Dropped(DictError),
+    /// The dict refused it for now, but the pending cap is full: dropped.
+    DroppedCap,
+}
+
+impl Outcome {
+    /// Whether the delta is in the dict now.
+    pub fn arrived(self) -> bool {
+        matches!(self, Outcome::Stored | Outcome::StoredEvicted)
+    }
+}
+
+/// A caller error: the delta was not accepted and nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Key empty or longer than [`MAX_KEY_LEN`].
+    BadKey,
+    /// Delta NaN or infinite.
+    BadDelta,
+}
+
+/// Bounds on what a dict that stays full may make a worker keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_keys: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_keys: 10_000,
+            max_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Counters a worker reports through `stats()`; see the README for each.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub pending_keys: u64,
+    pub pending_bytes: u64,
+    pub keys_flushed: u64,
+    pub retries: u64,
+    pub dropped_deltas: u64,
+    pub dropped_permanent: u64,
+    pub evictions: u64,
+    pub failed_writes: u64,
+    pub syncs: u64,
+    pub failed_syncs: u64,
+    pub last_sync_ns: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    delta: f64,
+    /// The sync that last tried it, so one sync tries each key once.
+    tried_in: u64,
+}
+
+/// One worker's flush state for one shared dict.
+#[derive(Debug)]
+pub struct Flusher<D> {
+    dict: D,
+    limits: Limits,
+    pending: HashMap<Box<[u8]>, Pending>,
+    pending_bytes: usize,
+    stats: Stats,
+    sync_id: u64,
+    sync_started: Option<Instant>,
+    sync_ok: bool,
+    dropped_this_sync: u64,
+}
+
+/// How often a budgeted loop looks at the clock.
+const CLOCK_EVERY: usize = 32;
+
+impl<D: Dict> Flusher<D> {
+    pub fn new(dict: D, limits: Limits) -> Self {
+        Flusher {
+            dict,
+            limits,
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            stats: Stats::default(),
+            sync_id: 0,
+            sync_started: None,
+            sync_ok: true,
+            dropped_this_sync: 0,
+        }
+    }
+
+    /// Marks the start of a sync: times it, and lets [`retry`](Self::retry)
+    /// try every pending key once more.
+    pub fn begin(&mut self) {
+        self.sync_id = self.sync_id.wrapping_add(1);
+        self.sync_started = Some(Instant::now());
+        self.sync_ok = true;
+        self.dropped_this_sync = 0;
+    }
+
+    /// Ends a sync begun with [`begin`](Self::begin); `ok` is false when the
+    /// caller saw any key fail. Returns how many deltas the cap dropped
+    /// during this sync, for one log line.
+    pub fn end(&mut self, ok: bool) -> u64 {
+        let ok = ok && self.sync_ok;
+        self.stats.syncs += 1;
+        if !ok {
+            self.stats.failed_syncs += 1;
+        }
+        if let Some(start) = self.sync_started.take() {
+            self.stats.last_sync_ns = duration_ns(start.elapsed());
+        }
+        let dropped = self.dropped_this_sync;
+        self.dropped_this_sync = 0;
+        self.sync_ok = true;
+        dropped
+    }
+
+    /// Hands one delta over and writes it into the dict.
+    pub fn add(&mut self, key: &[u8], delta: f64) -> Result<Outcome, Rejected> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Rejected::BadKey);
+        }
+        if !delta.is_finite() {
+            return Err(Rejected::BadDelta);
+        }
+        // The common case: nothing pending, so no lookup at all.
+        if self.pending.is_empty() {
+            return Ok(self.write_new(key, delta));
+        }
+        match self.pending.remove(key) {
+            None => Ok(self.write_new(key, delta)),
+            Some(old) => {
+                self.pending_bytes -= entry_cost(key);
+                let total = old.delta + delta;
+                if !total.is_finite() {
+                    // Both parts were finite; their sum overflowed. Keep the
+                    // older part pending and refuse the new one.
+                    self.insert_pending(key.into(), old);
+                    return Err(Rejected::BadDelta);
+                }
+                Ok(self.write_new(key, total))
+            }
+        }
+    }
+
+    /// Retries pending deltas not yet tried in this sync. `budget` bounds the
+    /// time spent (None: all of them). Returns how many are still untried
+    /// in this sync, so a sliced caller knows whether to come back.
+    pub fn retry(&mut self, budget: Option<Duration>) -> usize {
+        let start = Instant::now();
+        let sync_id = self.sync_id;
+        let mut out_of_time = false;
+        let mut seen = 0usize;
+        let mut untried = 0usize;
+        let mut to_retry = Vec::new();
+        for (key, p) in &self.pending {
+            if p.tried_in == sync_id {
+                continue;
+            }
+            if out_of_time {
+                untried += 1;
+                continue;
+            }
+            seen += 1;
+            if let Some(b) = budget
+                && seen % CLOCK_EVERY == 0
+                && start.elapsed() >= b
+            {
+                out_of_time = true;
+            }
+            to_retry.push(key.clone());
+        }
+        for key in to_retry {
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            self.pending_bytes -= entry_cost(&key);
+            self.stats.retries += 1;
+            self.write_owned(key, p.delta);
+        }
+        self.refresh_gauges();
+        untried
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Pending delta for a key (tests and diagnostics).
+    pub fn pending_delta(&self, key: &[u8]) -> Option<f64> {
+        self.pending.get(key).map(|p| p.delta)
+    }
+
+    pub fn dict(&self) -> &D {
+        &self.dict
+    }
+
+    pub fn dict_mut(&mut self) -> &mut D {
+        &mut self.dict
+    }
+
+    fn write_new(&mut self, key: &[u8], delta: f64) -> Outcome {
+        match self.dict.incr(key, delta) {
+            Ok(w) => self.stored(w),
+            Err(e) => self.refused(e, || key.into(), delta),
+        }
+    }
+
+    fn write_owned(&mut self, key: Box<[u8]>, delta: f64) -> Outcome {
+        match self.dict.incr(&key, delta) {
+            Ok(w) => self.stored(w),
+            Err(e) => self.refused(e, || key, delta),
+        }
+    }
+
+    fn stored(&mut self, w: Written) -> Outcome {
+        self.stats.keys_flushed += 1;
+        if w.evicted {
+            self.stats.evictions += 1;
+            Outcome::StoredEvicted
+        } else {
+            Outcome::Stored
+        }
+    }
+
+    fn refused(&mut self, e: DictError, key: impl FnOnce() -> Box<[u8]>, delta: f64) -> Outcome {
+        self.stats.failed_writes += 1;
+        self.sync_ok = false;
+        let outcome = if !e.is_transient() {
+            self.stats.dropped_permanent += 1;
+            Outcome::Dropped(e)
+        } else {
+            let key = key();
+            if self.fits(&key) {
+                let tried_in = self.sync_id;
+                self.insert_pending(key, Pending { delta, tried_in });
+                Outcome::Retained(e)
+            } else {
+                self.stats.dropped_deltas += 1;
+                self.dropped_this_sync += 1;
+                Outcome::DroppedCap
+            }
+        };
+        self.refresh_gauges();
+        outcome
+    }
+
+    fn fits(&self, key: &[u8]) -> bool {
+        self.pending.len() < self.limits.max_keys
+            && self.pending_bytes + entry_cost(key) <= self.limits.max_bytes
+    }
+
+    fn insert_pending(&mut self, key: Box<[u8]>, p: Pending) {
+        self.pending_bytes += entry_cost(&key);
+        self.pending.insert(key, p);
+        self.refresh_gauges();
+    }
+
+    fn refresh_gauges(&mut self) {
+        self.stats.pending_keys = self.pending.len() as u64;
+        self.stats.pending_bytes = self.pending_bytes as u64;
+        if self.pending.is_empty() && self.pending.capacity() > 64 {
+            // Key churn must not keep the high-water mark allocated.
+            self.pending.shrink_to(64);
+        }
+    }
+}
+
+fn entry_cost(key: &[u8]) -> usize {
+    key.len() + ENTRY_OVERHEAD
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A stand-in shared dict: numbers and strings, a capacity in keys, and
+    /// an optional key whose write always evicts.
+    #[derive(Default)]
+    pub struct FakeDict {
+        pub nums: HashMap<Vec<u8>, f64>,
+        pub strings: Vec<Vec<u8>>,
+        pub capacity: Option<usize>,
+        pub evict_on: Option<Vec<u8>>,
+        pub calls: usize,
+    }
+
+    impl Dict for FakeDict {
+        fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError> {
+            self.calls += 1;
+            if self.strings.iter().any(|s| s == key) {
+                return Err(DictError::NotANumber);
+            }
+            if !self.nums.contains_key(key) && self.capacity.is_some_and(|c| self.nums.len() >= c) {
+                return Err(DictError::NoMemory);
+            }
+            *self.nums.entry(key.to_vec()).or_insert(0.0) += delta;
+            Ok(Written {
+                evicted: self.evict_on.as_deref() == Some(key),
+            })
+        }
+    }
+
+    fn flusher(dict: FakeDict) -> Flusher<FakeDict> {
+        Flusher::new(dict, Limits::default())
+    }
+
+    #[test]
+    fn stores_and_accumulates() {
+        let mut f = flusher(FakeDict::default());
+        f.begin();
+        assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
+        assert_eq!(f.add(b"a", 2.5), Ok(Outcome::Stored));
+        assert_eq!(f.add(b"b", -1.0), Ok(Outcome::Stored));
+        assert_eq!(f.end(true), 0);
+        assert_eq!(f.dict().nums[&b"a".to_vec()], 3.5);
+        assert_eq!(f.dict().nums[&b"b".to_vec()], -1.0);
+        let s = f.stats();
+        assert_eq!((s.keys_flushed, s.syncs, s.failed_syncs), (3, 1, 0));
+    }
+
+    #[test]
+    fn rejects_bad_input_without_touching_the_dict() {
+        let mut f = flusher(FakeDict::default());
+        assert_eq!(f.add(b"", 1.0), Err(Rejected::BadKey));
+        let long = vec![b'k'; MAX_KEY_LEN + 1];
+        assert_eq!(f.add(&long, 1.0), Err(Rejected::BadKey));
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(f.add(b"k", bad), Err(Rejected::BadDelta));
+        }
+        assert_eq!(f.dict().calls, 0);
+        let max = vec![b'k'; MAX_KEY_LEN];
+        assert_eq!(f.add(&max, 1.0), Ok(Outcome::Stored));
+    }
+
+    #[test]
+    fn keys_are_bytes_nul_included() {
+        let mut f = flusher(FakeDict::default());
+        f.add(b"a\0b", 1.0).unwrap();
+        f.add(b"a\0c", 2.0).unwrap();
+        f.add(b"a", 4.0).unwrap();
+        assert_eq!(f.dict().nums.len(), 3);
+        assert_eq!(f.dict().nums[&b"a\0b".to_vec()], 1.0);
+    }
+
+    #[test]
+    fn transient_failure_is_kept_and_arrives_when_room_returns() {
+        let dict = FakeDict {
+            capacity: Some(1),
+            ..FakeDict::default()
+        };
+        let mut f = flusher(dict);
+        f.begin();
+        assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
+        assert_eq!(f.add(b"b", 2.0), Ok(Outcome::Retained(DictError::NoMemory)));
+        // A later delta for a pending key merges into it.
+        assert_eq!(f.add(b"b", 3.0), Ok(Outcome::Retained(DictError::NoMemory)));
+        assert_eq!(f.end(true), 0);
+        assert_eq!(f.pending_delta(b"b"), Some(5.0));
+        assert_eq!(f.stats().failed_syncs, 1);
+
+        f.dict_mut().capacity = None;
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        f.end(true);
+        assert_eq!(f.dict().nums[&b"b".to_vec()], 5.0);
+        assert_eq!(f.pending_delta(b"b"), None);
+        let s = f.stats();
+        assert_eq!((s.pending_keys, s.pending_bytes, s.retries), (0, 0, 1));
+    }
+
+    #[test]
+    fn permanent_failure_drops_only_that_key() {
+        let dict = FakeDict {
+            strings: vec![b"s".to_vec()],
+            ..FakeDict::default()
+        };
+        let mut f = flusher(dict);
+        f.begin();
+        assert_eq!(
+            f.add(b"s", 1.0),
+            Ok(Outcome::Dropped(DictError::NotANumber))
+        );
+        assert_eq!(f.add(b"t", 1.0), Ok(Outcome::Stored));
+        f.end(true);
+        assert_eq!(f.pending_delta(b"s"), None);
+        let s = f.stats();
+        assert_eq!((s.dropped_permanent, s.failed_syncs), (1, 1));
+        assert_eq!(f.dict().nums[&b"t".to_vec()], 1.0);
+    }
+
+    #[test]
+    fn cap_bounds_pending_and_counts_drops() {
+        let dict = FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        };
+        let limits = Limits {
+            max_keys: 3,
+            max_bytes: usize::MAX,
+        };
+        let mut f = Flusher::new(dict, limits);
+        f.begin();
+        for i in 0..10u8 {
+            f.add(&[b'k', i], 1.0).unwrap();
+        }
+        assert_eq!(f.end(true), 7);
+        let s = f.stats();
+        assert_eq!((s.pending_keys, s.dropped_deltas), (3, 7));
+
+        let limits = Limits {
+            max_keys: usize::MAX,
+            max_bytes: 2 * (ENTRY_OVERHEAD + 1000),
+        };
+        let mut f = Flusher::new(
+            FakeDict {
+                capacity: Some(0),
+                ..FakeDict::default()
+            },
+            limits,
+        );
+        for i in 0..5u8 {
+            f.add(&[i; 1000], 1.0).unwrap();
+        }
+        assert_eq!(f.stats().pending_keys, 2);
+        assert!(f.stats().pending_bytes <= limits.max_bytes as u64);
+    }
+
+    #[test]
+    fn evictions_are_counted() {
+        let dict = FakeDict {
+            evict_on: Some(b"e".to_vec()),
+            ..FakeDict::default()
+        };
+        let mut f = flusher(dict);
+        assert_eq!(f.add(b"e", 1.0), Ok(Outcome::StoredEvicted));
+        assert_eq!(f.stats().evictions, 1);
+    }
+
+    #[test]
+    fn retry_tries_each_key_once_per_sync_and_respects_budget() {
+        let dict = FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        };
+        let mut f = flusher(dict);
+        f.begin();
+        for i in 0..100u8 {
+            f.add(&[i], 1.0).unwrap();
+        }
+        f.end(true);
+        f.begin();
+        let calls = f.dict().calls;
+        // A zero budget still makes progress: one clock check's worth.
+        let left = f.retry(Some(Duration::ZERO));
+        assert!(left < 100, "no progress: {left}");
+        while f.retry(Some(Duration::ZERO)) > 0 {}
+        assert_eq!(f.retry(None), 0);
+        assert_eq!(f.dict().calls - calls, 100, "each key tried exactly once");
+        f.end(true);
+        assert_eq!(f.stats().pending_keys, 100);
+    }
+
+    #[test]
+    fn overflowing_merge_is_refused_and_keeps_the_old_part() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.add(b"k", f64::MAX).unwrap();
+        assert_eq!(f.add(b"k", f64::MAX), Err(Rejected::BadDelta));
+        assert_eq!(f.pending_delta(b"k"), Some(f64::MAX));
+    }
+
+    /// Random incr/flush sequences against a plain model: whatever the dict
+    /// refuses transiently arrives later, exactly once.
+    #[test]
+    fn property_random_sequences_match_model() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for round in 0..200 {
+            let cap = (rng.next() % 6) as usize;
+            let mut f = flusher(FakeDict {
+                capacity: Some(cap),
+                ..FakeDict::default()
+            });
+            let mut model: HashMap<Vec<u8>, f64> = HashMap::new();
+            for _ in 0..300 {
+                let key = vec![b'k', (rng.next() % 10) as u8];
+                let step = (rng.next() % 7) as f64 - 3.0;
+                match rng.next() % 10 {
+                    0 => {
+                        f.begin();
+                        f.retry(None);
+                        f.end(true);
+                    }
+                    1 => f.dict_mut().capacity = Some((rng.next() % 12) as usize),
+                    _ => {
+                        f.add(&key, step).unwrap();
+                        *model.entry(key).or_insert(0.0) += step;
+                    }
+                }
+            }
+            f.dict_mut().capacity = None;
+            f.begin();
+            f.retry(None);
+            f.end(true);
+            assert_eq!(f.stats().pending_keys, 0, "round {round}");
+            for (k, v) in &model {
+                assert_eq!(
+                    f.dict().nums.get(k).copied().unwrap_or(0.0),
+                    *v,
+                    "round {round}"
+                );
+            }
+        }
+    }
+
+    pub struct XorShift(pub u64);
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+}
