@@ -1,0 +1,552 @@
+-- resty.counter: per-worker counters flushed into an ngx.shared.DICT.
+--
+-- Where a count goes:
+--   buffered   c:incr() adds into a Lua table per dict and worker (this file,
+--              no FFI crossing on the request path);
+--   handed over  at sync time, each (key, delta) crosses into Rust through
+--              resty_counter_flusher_add (the ffi.cdef block below);
+--   flushed    Rust writes it into the dict with lua-nginx-module's own
+--              *_ffi_shdict_incr, keeps transient failures pending and
+--              retries them (src/flush.rs).
+--
+-- A dict that is not a real shared dict (a Lua-table stub in unit tests), or
+-- a Lua without ffi, runs the original pure-Lua algorithm instead.
+
+local ngx = ngx
+local type = type
+local tostring = tostring
+local tonumber = tonumber
+local pairs = pairs
+local next = next
+local error = error
+local setmetatable = setmetatable
+local math_huge = math.huge
+
+local _M = { _VERSION = "0.3.0" }
+local mt = { __index = _M }
+
+local ABI_VERSION = 1
+local LIB_NAME = "libresty_counter"
+local SLICE_SECONDS = 0.001     -- work per slice of an automatic sync
+local CLOCK_EVERY = 32          -- keys between two looks at the clock
+local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
+local KEEP_SPARE_MAX = 16384    -- larger buffers are freed, not recycled
+local EXIT_GUARD_INTERVAL = 3600
+
+local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
+
+local clear_tab
+do
+    local ok, clear = pcall(require, "table.clear")
+    clear_tab = ok and clear or function(t)
+        for k in pairs(t) do
+            t[k] = nil
+        end
+    end
+end
+
+local nkeys
+do
+    local ok, f = pcall(require, "table.nkeys")
+    nkeys = ok and f or function(t)
+        local n = 0
+        for _ in pairs(t) do
+            n = n + 1
+        end
+        return n
+    end
+end
+
+local has_ffi, ffi = pcall(require, "ffi")
+if has_ffi and not (ngx and ngx.config) then
+    has_ffi = false  -- plain LuaJIT outside nginx: no shared dict to write to
+end
+
+---------------------------------------------------------------------------
+-- The ABI: the one source of truth for the library's prototypes.
+---------------------------------------------------------------------------
+local CDEF = [[
+typedef struct resty_counter_flusher resty_counter_flusher;
+uint32_t resty_counter_abi_version(void);
+const char *resty_counter_strerror(int32_t code);
+double resty_counter_clock(void);
+resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
+    size_t subsystem_len, void *zone_udata, uint32_t max_keys,
+    double max_bytes, int32_t *err);
+void resty_counter_flusher_free(resty_counter_flusher *h);
+int32_t resty_counter_flusher_add(resty_counter_flusher *h,
+    const unsigned char *key, size_t key_len, double delta);
+int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
+int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
+double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok);
+int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
+    size_t n);
+]]
+_M._CDEF = CDEF  -- read by the ABI drift check
+
+local STATS_FIELDS = {
+    "pending_keys", "pending_bytes", "keys_flushed", "retries",
+    "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
+    "syncs", "failed_syncs", "last_sync_seconds",
+}
+
+local lib          -- the loaded library, once a real shared dict needs it
+local int32_out, stats_out
+
+-- Finds the library through package.cpath, the one mechanism, so a source
+-- tree (target/release/?.so) and a LuaRocks tree work the same way.
+local function load_library()
+    if lib then
+        return lib
+    end
+    ffi.cdef(CDEF)
+    local tried = {}
+    for template in package.cpath:gmatch("[^;]+") do
+        local path = template:gsub("%?", LIB_NAME)
+        local f = io.open(path, "rb")
+        if f then
+            f:close()
+            local ok, l = pcall(ffi.load, path)
+            if ok then
+                local v = l.resty_counter_abi_version()
+                if v ~= ABI_VERSION then
+                    error("resty.counter: " .. path .. " implements ABI "
+                          .. tonumber(v) .. ", this shim needs "
+                          .. ABI_VERSION .. ": rebuild or reinstall it", 3)
+                end
+                lib = l
+                int32_out = ffi.new("int32_t[1]")
+                stats_out = ffi.new("double[?]", #STATS_FIELDS)
+                return lib
+            end
+            tried[#tried + 1] = path .. " (" .. tostring(l) .. ")"
+        else
+            tried[#tried + 1] = path
+        end
+    end
+    error("resty.counter: cannot find " .. LIB_NAME .. ".so in "
+          .. "package.cpath; tried:\n    " .. table.concat(tried, "\n    "),
+          3)
+end
+
+---------------------------------------------------------------------------
+-- Per-dict state, one per dict and worker, shared by every new().
+---------------------------------------------------------------------------
+local states = setmetatable({}, { __mode = "k" })
+
+local function log(level, ...)
+    return ngx.log(level, ...)
+end
+
+local function strerror(rc)
+    return ffi.string(lib.resty_counter_strerror(rc))
+end
+
+local function is_real_shdict(dict)
+    return has_ffi and type(dict) == "table" and type(dict[1]) == "userdata"
+end
+
+local function new_native_handle(dict, name)
+    local l = load_library()
+    local subsystem = ngx.config.subsystem or "http"
+    local h = l.resty_counter_flusher_new(subsystem, #subsystem, dict[1], 0,
+                                          0, int32_out)
+    if h == nil then
+        error("resty.counter: cannot flush into shared dict \"" .. name
+              .. "\": " .. strerror(int32_out[0]), 3)
+    end
+    return ffi.gc(h, function(p) l.resty_counter_flusher_free(p) end)
+end
+
+---------------------------------------------------------------------------
+-- Flush (native): hand (key, delta) pairs to Rust, report what happened.
+---------------------------------------------------------------------------
+local function report(self, key, rc, tally)
+    if rc == RC_EVICTED then
+        tally.evicted = tally.evicted + 1
+        if self.error_metric then
+            log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
+                key)
+            return false
+        end
+        return true
+    end
+    if rc == RC_DROPPED_CAP then
+        return false  -- counted in Rust, one line per sync
+    end
+    tally.failed = tally.failed + 1
+    if tally.failed <= WARN_LINES_PER_SYNC then
+        log(ngx.WARN, "error increasing counter in shdict key: ", key,
+            ", err: ", strerror(rc),
+            rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
+    end
+    return false
+end
+
+-- Hands the drained buffer over, from self.cursor on. With a budget, stops
+-- after about that many seconds and returns false (not done); the caller
+-- yields and comes back. Without, runs to the end.
+local function drain(self, tally, budget)
+    local t, h = self.draining, self.handle
+    local add = lib.resty_counter_flusher_add
+    local clock = lib.resty_counter_clock
+    local deadline = budget and clock() + budget
+    local ok, n = true, 0
+    for key, delta in next, t, self.cursor do
+        local rc = add(h, key, #key, delta)
+        if rc ~= RC_STORED then
+            ok = report(self, key, rc, tally) and ok
+        end
+        n = n + 1
+        if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
+            self.cursor = key
+            return ok, false
+        end
+    end
+    self.draining, self.cursor = nil, nil
+    self.generation = self.generation + 1
+    if n <= KEEP_SPARE_MAX then
+        clear_tab(t)
+        self.spare = t
+    end
+    return ok, true
+end
+
+-- Moves the live buffer aside for draining; increments go to a fresh one.
+local function swap(self)
+    local t = self.buf
+    if next(t) == nil then
+        return false
+    end
+    local fresh = self.spare or {}
+    self.spare = nil
+    self.buf = fresh
+    self.draining, self.cursor = t, nil
+    return true
+end
+
+local function begin_sync(self)
+    lib.resty_counter_flusher_begin(self.handle)
+    return { failed = 0, evicted = 0 }
+end
+
+local function end_sync(self, ok, tally)
+    local dropped = tonumber(lib.resty_counter_flusher_end(self.handle,
+                                                            ok and 1 or 0))
+    if tally.failed > WARN_LINES_PER_SYNC then
+        log(ngx.WARN, "resty.counter: ", tally.failed - WARN_LINES_PER_SYNC,
+            " more keys failed in this sync of shared dict \"", self.name,
+            "\"")
+    end
+    if dropped > 0 then
+        ok = false
+        log(ngx.ERR, "resty.counter: shared dict \"", self.name, "\" is full",
+            " and the pending cap is reached: dropped ", dropped,
+            " increments in this sync")
+    end
+    if tally.evicted > 0 and not self.error_metric then
+        log(ngx.WARN, "resty.counter: flushing into shared dict \"",
+            self.name, "\" evicted other entries ", tally.evicted,
+            " times: the dict is too small")
+    end
+    if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
+       and stats_out[0] > 0 then
+        ok = false  -- keys still pending: not every delta arrived
+    end
+    if not ok and self.error_metric then
+        self.dict:incr(self.error_metric, 1, 0)
+    end
+    return ok
+end
+
+-- A complete sync that never yields: manual sync() and worker exit.
+local function sync_now(self)
+    local tally = begin_sync(self)
+    lib.resty_counter_flusher_retry(self.handle, 0)
+    local ok = true
+    if self.draining then
+        ok = drain(self, tally, nil)
+    end
+    if swap(self) then
+        ok = drain(self, tally, nil) and ok
+    end
+    return end_sync(self, ok, tally)
+end
+
+-- The automatic sync: slices of about SLICE_SECONDS with ngx.sleep(0)
+-- between them, so thousands of keys never stall the event loop.
+local function sync_sliced(self)
+    local tally = begin_sync(self)
+    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
+        ngx.sleep(0)
+    end
+    local ok = true
+    if not self.draining then
+        swap(self)
+    end
+    local gen = self.generation
+    while self.draining and self.generation == gen do
+        local slice_ok, done = drain(self, tally, SLICE_SECONDS)
+        ok = slice_ok and ok
+        if not done then
+            ngx.sleep(0)
+        end
+    end
+    return end_sync(self, ok, tally)
+end
+
+local function tick(premature, self)
+    if premature or ngx.worker.exiting() then
+        return sync_now(self)
+    end
+    if self.syncing then
+        return  -- the previous sliced sync is still running
+    end
+    self.syncing = true
+    local ok, err = pcall(sync_sliced, self)
+    self.syncing = false
+    if not ok then
+        log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
+            "\" failed: ", err)
+    end
+end
+
+local function exit_guard(premature, self)
+    if premature or ngx.worker.exiting() then
+        return sync_now(self)
+    end
+end
+
+local function first_tick(premature, self)
+    if premature then
+        return sync_now(self)
+    end
+    local ok, err = ngx.timer.every(self.interval, tick, self)
+    if not ok then
+        log(ngx.ERR, "resty.counter: cannot start the sync timer of shared ",
+            "dict \"", self.name, "\": ", err)
+        return
+    end
+    return tick(false, self)
+end
+
+-- Starts this worker's timer for a native dict: the automatic sync, or for
+-- a manual counter a guard that flushes when the worker exits. Not in the
+-- master (init phase): timers are per worker.
+local function start_timer(self)
+    if self.timer or ngx.get_phase() == "init" then
+        return
+    end
+    local ok, err
+    if self.interval then
+        -- A first tick that differs per worker, so that workers do not all
+        -- take the dict's lock in the same instant every interval.
+        local spread = (ngx.worker.pid() * 7919 % 1000) / 1000
+        ok, err = ngx.timer.at(spread * self.interval, first_tick, self)
+    else
+        ok, err = ngx.timer.every(EXIT_GUARD_INTERVAL, exit_guard, self)
+    end
+    if not ok then
+        log(ngx.ERR, "resty.counter: cannot start a timer for shared dict \"",
+            self.name, "\": ", err)
+        return
+    end
+    self.timer = self.interval and "sync" or "exit"
+end
+
+---------------------------------------------------------------------------
+-- Sync (pure Lua): the original algorithm, for stub dicts and plain Lua.
+---------------------------------------------------------------------------
+local function sync_lua(_, self)
+    local ok = true
+    for k, v in pairs(self.buf) do
+        local _, err, forcible = self.dict:incr(k, v, 0)
+        if forcible and self.error_metric then
+            ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
+                    k)
+            ok = false
+        end
+        if err then
+            ngx.log(ngx.WARN, "error increasing counter in shdict key: ", k,
+                    ", err: ", err)
+            ok = false
+        end
+    end
+    clear_tab(self.buf)
+    if not ok and self.error_metric then
+        self.dict:incr(self.error_metric, 1, 0)
+    end
+    return ok
+end
+
+---------------------------------------------------------------------------
+-- The API.
+---------------------------------------------------------------------------
+local function check_interval(sync_interval)
+    local n = tonumber(sync_interval)
+    if not n or not (n > 0) or n == math_huge then
+        error("expect sync_interval to be a positive number", 3)
+    end
+    return n
+end
+
+local function new_state(dict, name)
+    local self = setmetatable({
+        dict = dict,
+        name = name,
+        buf = {},
+        native = is_real_shdict(dict),
+        generation = 0,
+    }, mt)
+    if self.native then
+        self.handle = new_native_handle(dict, name)
+        -- In the master, before fork: write through, so that a count made
+        -- in init_by_lua is not copied into, and flushed by, every worker.
+        self.direct = ngx.get_phase() == "init"
+    end
+    return self
+end
+
+function _M.new(shdict_name, sync_interval, error_metric_name)
+    local shared = ngx and ngx.shared
+    local dict = shared and shdict_name ~= nil and shared[shdict_name]
+    if not dict then
+        error("shared dict \"" .. tostring(shdict_name) .. "\" not defined", 2)
+    end
+    if sync_interval ~= nil then
+        sync_interval = check_interval(sync_interval)
+    end
+
+    local self = states[dict]
+    if not self then
+        self = new_state(dict, shdict_name)
+        states[dict] = self
+    end
+    if error_metric_name ~= nil and self.error_metric == nil then
+        self.error_metric = error_metric_name
+    end
+
+    if self.native then
+        if sync_interval and not self.interval then
+            self.interval = sync_interval
+            if self.timer == "exit" then
+                self.timer = nil  -- the sync timer flushes at exit too
+            end
+        end
+        if self.direct and ngx.get_phase() ~= "init" then
+            self.direct = false  -- created in the master, now in a worker
+        end
+        if not self.direct then
+            start_timer(self)
+        end
+    elseif sync_interval and not self.interval then
+        self.interval = sync_interval
+        ngx.log(ngx.DEBUG, "start timer for shdict ", shdict_name,
+                " on worker ", ngx.worker.id())
+        ngx.timer.every(sync_interval, sync_lua, self)
+    end
+    return self
+end
+
+-- The first increment of a key in an interval, and every bad input.
+local function incr_slow(self, key, step)
+    local kt = type(key)
+    if kt == "number" then
+        if key ~= key then
+            error("bad key: NaN", 2)
+        end
+        key = tostring(key)
+    elseif kt ~= "string" then
+        error("bad key: string or number expected, got " .. kt, 2)
+    end
+    local len = #key
+    if len == 0 or len > 65535 then
+        error("bad key: length must be 1 to 65535 bytes, got " .. len, 2)
+    end
+    if type(step) ~= "number" then
+        error("bad step: number expected, got " .. type(step), 2)
+    end
+    if step ~= step or step == math_huge or step == -math_huge then
+        error("bad step: finite number expected, got " .. tostring(step), 2)
+    end
+
+    if self.direct then
+        if ngx.get_phase() == "init" then
+            local _, err = self.dict:incr(key, step, 0)
+            if err then
+                log(ngx.WARN, "error increasing counter in shdict key: ", key,
+                    ", err: ", err)
+            end
+            return true
+        end
+        self.direct = false  -- first increment in a forked worker
+        start_timer(self)
+    end
+
+    local buf = self.buf
+    local sum = (buf[key] or 0) + step
+    if sum - sum ~= 0 then
+        error("bad step: counter \"" .. key .. "\" would overflow", 2)
+    end
+    buf[key] = sum
+    return true
+end
+
+function _M.incr(self, key, step)
+    if step == nil then
+        step = 1
+    end
+    local buf = self.buf
+    local v = buf[key]
+    if v and type(step) == "number" then
+        v = v + step
+        if v - v == 0 then  -- finite: not NaN, not +-inf
+            buf[key] = v
+            return true
+        end
+    end
+    return incr_slow(self, key, step)
+end
+
+function _M.sync(self)
+    if self.native then
+        return sync_now(self)
+    end
+    return sync_lua(false, self)
+end
+
+function _M.reset(self, key, number)
+    number = tonumber(number)
+    if not number or number ~= number then
+        return nil, "expect a number at #2"
+    end
+    return self.dict:incr(key, -number, number)
+end
+
+function _M.get(self, key)
+    return self.dict:get(key)
+end
+
+function _M.get_keys(self, max_count)
+    return self.dict:get_keys(max_count)
+end
+
+-- What this worker holds and has done for this dict; see the README.
+function _M.stats(self)
+    local s = {
+        mode = self.native and "native" or "lua",
+        buffered_keys = nkeys(self.buf)
+                        + (self.draining and nkeys(self.draining) or 0),
+        sync_interval = self.interval,
+    }
+    if self.native then
+        local n = lib.resty_counter_flusher_stats(self.handle, stats_out,
+                                                  #STATS_FIELDS)
+        for i = 1, n do
+            s[STATS_FIELDS[i]] = tonumber(stats_out[i - 1])
+        end
+    end
+    return s
+end
+
+return _M
