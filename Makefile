@@ -1,0 +1,60 @@
+# resty.counter: `make test` is the one command CI runs; `make demo` shows the
+# counter in a real nginx. Both install what they need.
+CARGO ?= cargo
+LUAJIT ?= luajit
+
+.PHONY: all build deps test test-rust test-lua test-nginx test-integration \
+        test-long test-rock lint demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+deps:
+	tools/install-deps test
+
+# Rust unit tests and the ABI drift check, then busted specs inside a real
+# nginx, then multi-worker integration against a real nginx on loopback.
+test: deps build test-rust test-lua test-nginx test-integration test-rock
+
+test-rust:
+	$(CARGO) test --locked
+
+# Pure-Lua specs (stub dicts, no nginx) under LuaJIT and under plain Lua.
+test-lua:
+	$(LUAJIT) /usr/bin/busted --run=unit
+
+# Specs that run inside an nginx worker.
+test-nginx: build
+	spec/run-in-nginx spec/in_nginx/*_spec.lua
+
+# Multi-worker integration specs that drive nginx from outside.
+test-integration: build
+	$(LUAJIT) /usr/bin/busted --run=integration
+
+test-long: build
+	LONG=1 $(LUAJIT) /usr/bin/busted --run=integration
+
+test-rock:
+	tools/install-deps rock
+	spec/rock_test.sh
+
+lint:
+	tools/install-deps lint
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	luacheck lua spec bench examples
+
+demo:
+	tools/install-deps demo
+	$(MAKE) build
+	examples/demo.sh
+
+bench:
+	tools/install-deps bench
+	$(MAKE) build
+	bench/run
+
+clean:
+	$(CARGO) clean
