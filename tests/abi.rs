@@ -1,0 +1,137 @@
+//! ABI drift check: the shim's `ffi.cdef` block (the one source of truth)
+//! against the functions `src/ffi.rs` exports, by name, arity and C type.
+//! A prototype that changes on one side only fails here, before LuaJIT
+//! would call a function with the wrong arguments.
+
+use std::collections::BTreeMap;
+
+const SHIM: &str = include_str!("../lua/resty/counter.lua");
+const EXPORTS: &str = include_str!("../src/ffi.rs");
+
+/// name -> (return type, parameter types), types normalised to C spelling.
+type Protos = BTreeMap<String, (String, Vec<String>)>;
+
+fn squash(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace(" *", "*")
+}
+
+fn cdef_block() -> &'static str {
+    let start = SHIM
+        .find("local CDEF = [[")
+        .expect("CDEF block in the shim")
+        + 15;
+    let len = SHIM[start..].find("]]").expect("end of the CDEF block");
+    &SHIM[start..start + len]
+}
+
+/// Prototypes from the cdef: `ret name(type a, type b);`.
+fn cdef_protos() -> Protos {
+    let mut out = Protos::new();
+    for decl in cdef_block().split(';').map(squash) {
+        if decl.is_empty() || decl.starts_with("typedef") {
+            continue;
+        }
+        let open = decl.find('(').expect("prototype");
+        let head = &decl[..open];
+        let name_at = head.rfind(|c: char| c == ' ' || c == '*').unwrap() + 1;
+        let ret = squash(&head[..name_at]);
+        let name = head[name_at..].to_string();
+        let args = &decl[open + 1..decl.rfind(')').unwrap()];
+        let params = if args.trim() == "void" {
+            vec![]
+        } else {
+            args.split(',')
+                .map(|p| {
+                    // Drop the parameter name: the last identifier.
+                    let p = squash(p);
+                    let cut = p.rfind(|c: char| c == ' ' || c == '*').unwrap() + 1;
+                    squash(&p[..cut])
+                })
+                .collect()
+        };
+        out.insert(name, (ret, params));
+    }
+    out
+}
+
+fn rust_to_c(ty: &str) -> String {
+    let ty = ty.trim();
+    let c = match ty {
+        "" | "()" => "void",
+        "u32" => "uint32_t",
+        "i32" => "int32_t",
+        "f64" => "double",
+        "usize" => "size_t",
+        "*const c_char" => "const char*",
+        "*const u8" => "const unsigned char*",
+        "*mut c_void" => "void*",
+        "*mut Handle" => "resty_counter_flusher*",
+        "*mut i32" => "int32_t*",
+        "*mut f64" => "double*",
+        other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
+    };
+    c.to_string()
+}
+
+/// Prototypes of every `extern "C" fn` in src/ffi.rs outside its tests.
+fn rust_protos() -> Protos {
+    let src = &EXPORTS[..EXPORTS.find("#[cfg(test)]").unwrap_or(EXPORTS.len())];
+    let mut out = Protos::new();
+    for (at, _) in src.match_indices("extern \"C\" fn ") {
+        let rest = &src[at + 14..];
+        let open = rest.find('(').unwrap();
+        let name = rest[..open].to_string();
+        let close = rest.find(')').unwrap();
+        let params = rest[open + 1..close]
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| rust_to_c(p.split_once(':').unwrap().1))
+            .collect();
+        let after = &rest[close + 1..rest.find('{').unwrap()];
+        let ret = rust_to_c(after.trim().trim_start_matches("->"));
+        out.insert(name, (ret, params));
+    }
+    out
+}
+
+#[test]
+fn cdef_and_exports_agree() {
+    let lua = cdef_protos();
+    let rust = rust_protos();
+    assert!(
+        lua.len() >= 10,
+        "parsed too few prototypes from the cdef: {lua:?}"
+    );
+    assert_eq!(
+        lua.keys().collect::<Vec<_>>(),
+        rust.keys().collect::<Vec<_>>(),
+        "function names differ between the cdef and src/ffi.rs"
+    );
+    for (name, proto) in &lua {
+        assert_eq!(Some(proto), rust.get(name), "prototype of {name} differs");
+    }
+}
+
+#[test]
+fn abi_rules_hold() {
+    for (name, (_, params)) in cdef_protos() {
+        assert!(
+            name.starts_with("resty_counter_"),
+            "{name}: no library prefix"
+        );
+        assert!(params.len() <= 8, "{name}: more than 8 parameters");
+    }
+    let version = EXPORTS
+        .split("pub const ABI_VERSION: u32 = ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .expect("ABI_VERSION in src/ffi.rs");
+    assert!(
+        SHIM.contains(&format!("local ABI_VERSION = {version}\n")),
+        "the shim checks a different ABI version than src/ffi.rs exports"
+    );
+}
