@@ -36,7 +36,7 @@ fn cdef_protos() -> Protos {
         }
         let open = decl.find('(').expect("prototype");
         let head = &decl[..open];
-        let name_at = head.rfind(|c: char| c == ' ' || c == '*').unwrap() + 1;
+        let name_at = head.rfind([' ', '*']).unwrap() + 1;
         let ret = squash(&head[..name_at]);
         let name = head[name_at..].to_string();
         let args = &decl[open + 1..decl.rfind(')').unwrap()];
@@ -47,7 +47,7 @@ fn cdef_protos() -> Protos {
                 .map(|p| {
                     // Drop the parameter name: the last identifier.
                     let p = squash(p);
-                    let cut = p.rfind(|c: char| c == ' ' || c == '*').unwrap() + 1;
+                    let cut = p.rfind([' ', '*']).unwrap() + 1;
                     squash(&p[..cut])
                 })
                 .collect()
