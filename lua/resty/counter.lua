@@ -110,9 +110,9 @@ local function load_library()
             if ok then
                 local v = l.resty_counter_abi_version()
                 if v ~= ABI_VERSION then
-                    error("resty.counter: " .. path .. " implements ABI "
-                          .. tonumber(v) .. ", this shim needs "
-                          .. ABI_VERSION .. ": rebuild or reinstall it", 3)
+                    return nil, "resty.counter: " .. path .. " implements ABI "
+                                .. tonumber(v) .. ", this shim needs "
+                                .. ABI_VERSION .. ": rebuild or reinstall it"
                 end
                 lib = l
                 int32_out = ffi.new("int32_t[1]")
@@ -124,9 +124,9 @@ local function load_library()
             tried[#tried + 1] = path
         end
     end
-    error("resty.counter: cannot find " .. LIB_NAME .. ".so in "
-          .. "package.cpath; tried:\n    " .. table.concat(tried, "\n    "),
-          3)
+    return nil, "resty.counter: cannot find " .. LIB_NAME .. ".so in "
+                .. "package.cpath; tried:\n    "
+                .. table.concat(tried, "\n    ")
 end
 
 ---------------------------------------------------------------------------
@@ -147,13 +147,16 @@ local function is_real_shdict(dict)
 end
 
 local function new_native_handle(dict, name)
-    local l = load_library()
+    local l, err = load_library()
+    if not l then
+        return nil, err
+    end
     local subsystem = ngx.config.subsystem or "http"
     local h = l.resty_counter_flusher_new(subsystem, #subsystem, dict[1], 0,
                                           0, int32_out)
     if h == nil then
-        error("resty.counter: cannot flush into shared dict \"" .. name
-              .. "\": " .. strerror(int32_out[0]), 3)
+        return nil, "resty.counter: cannot flush into shared dict \"" .. name
+                    .. "\": " .. strerror(int32_out[0])
     end
     return ffi.gc(h, function(p) l.resty_counter_flusher_free(p) end)
 end
@@ -399,7 +402,11 @@ local function new_state(dict, name)
         generation = 0,
     }, mt)
     if self.native then
-        self.handle = new_native_handle(dict, name)
+        local h, err = new_native_handle(dict, name)
+        if not h then
+            return nil, err
+        end
+        self.handle = h
         -- In the master, before fork: write through, so that a count made
         -- in init_by_lua is not copied into, and flushed by, every worker.
         self.direct = ngx.get_phase() == "init"
@@ -419,7 +426,11 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
 
     local self = states[dict]
     if not self then
-        self = new_state(dict, shdict_name)
+        local err
+        self, err = new_state(dict, shdict_name)
+        if not self then
+            error(err, 2)
+        end
         states[dict] = self
     end
     if error_metric_name ~= nil and self.error_metric == nil then
@@ -449,25 +460,28 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
 end
 
 -- The first increment of a key in an interval, and every bad input.
+-- The first increment of a key in an interval, and every bad input.
+-- Errors name the caller of incr (level 3: incr calls this, not as a tail
+-- call, because PUC Lua 5.1 leaves no position for a tail-called frame).
 local function incr_slow(self, key, step)
     local kt = type(key)
     if kt == "number" then
         if key ~= key then
-            error("bad key: NaN", 2)
+            error("bad key: NaN", 3)
         end
         key = tostring(key)
     elseif kt ~= "string" then
-        error("bad key: string or number expected, got " .. kt, 2)
+        error("bad key: string or number expected, got " .. kt, 3)
     end
     local len = #key
     if len == 0 or len > 65535 then
-        error("bad key: length must be 1 to 65535 bytes, got " .. len, 2)
+        error("bad key: length must be 1 to 65535 bytes, got " .. len, 3)
     end
     if type(step) ~= "number" then
-        error("bad step: number expected, got " .. type(step), 2)
+        error("bad step: number expected, got " .. type(step), 3)
     end
     if step ~= step or step == math_huge or step == -math_huge then
-        error("bad step: finite number expected, got " .. tostring(step), 2)
+        error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
     if self.direct then
@@ -486,7 +500,7 @@ local function incr_slow(self, key, step)
     local buf = self.buf
     local sum = (buf[key] or 0) + step
     if sum - sum ~= 0 then
-        error("bad step: counter \"" .. key .. "\" would overflow", 2)
+        error("bad step: counter \"" .. key .. "\" would overflow", 3)
     end
     buf[key] = sum
     return true
@@ -505,7 +519,8 @@ function _M.incr(self, key, step)
             return true
         end
     end
-    return incr_slow(self, key, step)
+    local ok = incr_slow(self, key, step)
+    return ok
 end
 
 function _M.sync(self)
