@@ -1,0 +1,241 @@
+-- The API against real shared dicts, inside an nginx worker (run by
+-- spec/run-in-nginx): the native path, where Rust writes into the dict.
+
+local counter = require "resty.counter"
+
+local function error_log_since(offset)
+    local f = assert(io.open(ngx.config.prefix() .. "logs/error.log", "rb"))
+    f:seek("set", offset)
+    local text = f:read("*a")
+    f:close()
+    return text
+end
+
+local function error_log_size()
+    local f = assert(io.open(ngx.config.prefix() .. "logs/error.log", "rb"))
+    local size = f:seek("end")
+    f:close()
+    return size
+end
+
+local function count(text, plain)
+    local n, from = 0, 1
+    while true do
+        local at = text:find(plain, from, true)
+        if not at then
+            return n
+        end
+        n, from = n + 1, at + #plain
+    end
+end
+
+describe("resty.counter in nginx", function()
+    local dict = ngx.shared.counters
+    local c
+
+    before_each(function()
+        c = counter.new("counters")
+        c:sync()
+        dict:flush_all()
+        dict:flush_expired()
+    end)
+
+    it("runs natively on a real shared dict", function()
+        assert.equal("native", c:stats().mode)
+    end)
+
+    it("buffers until sync, then the dict holds the sums", function()
+        assert.is_true(c:incr("a"))
+        assert.is_true(c:incr("a", 2))
+        assert.is_true(c:incr("b", -1.25))
+        assert.is_nil(c:get("a"))
+        assert.equal(2, c:stats().buffered_keys)
+        assert.is_true(c:sync())
+        assert.equal(3, c:get("a"))
+        assert.equal(-1.25, c:get("b"))
+        local keys = c:get_keys(0)
+        table.sort(keys)
+        assert.same({ "a", "b" }, keys)
+        assert.equal(0, c:stats().buffered_keys)
+    end)
+
+    it("new() is one object per dict, with no growth", function()
+        local first = counter.new("counters", 1)
+        collectgarbage()
+        collectgarbage()
+        local before = collectgarbage("count")
+        for _ = 1, 100000 do
+            assert(counter.new("counters", 2) == first)
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.is_true(collectgarbage("count") - before < 64)
+        assert.equal(1, first:stats().sync_interval)
+    end)
+
+    it("throws at the caller's level for a missing dict or bad interval",
+       function()
+        local ok, err = pcall(function() counter.new("no_such_dict") end)
+        assert.is_false(ok)
+        assert.matches('api_spec.lua:%d+: shared dict "no_such_dict" not '
+                       .. 'defined', err)
+        for _, bad in ipairs({ 0, -1, "x", 0 / 0 }) do
+            ok, err = pcall(function() counter.new("counters", bad) end)
+            assert.is_false(ok)
+            assert.matches("api_spec.lua:%d+: expect sync_interval to be a "
+                           .. "positive number", err)
+        end
+    end)
+
+    it("refuses bad keys and steps, and corrupts nothing", function()
+        c:incr("k", 1)
+        local bad = {
+            { nil, 1 }, { {}, 1 }, { false, 1 }, { "", 1 },
+            { string.rep("x", 65536), 1 }, { 0 / 0, 1 },
+            { "k", 0 / 0 }, { "k", 1 / 0 }, { "k", -1 / 0 }, { "k", "1" },
+            { "k", 1e308 }, { "k", 1e308 },
+        }
+        local errors = 0
+        for _, args in ipairs(bad) do
+            local ok, err = pcall(function() c:incr(args[1], args[2]) end)
+            if not ok then
+                errors = errors + 1
+                assert.matches("api_spec.lua:%d+: bad ", err)
+            end
+        end
+        -- all but the first 1e308, which fits; the second would overflow
+        assert.equal(#bad - 1, errors)
+        assert.is_true(c:sync())
+        assert.equal(1 + 1e308, c:get("k"))
+        assert.is_nil(c:get(""))
+    end)
+
+    it("counts number keys as their tostring; keys are bytes", function()
+        c:incr(1)
+        c:incr("1", 2)
+        c:incr(1.5)
+        c:incr("a\0b", 4)
+        c:incr("a\0c", 8)
+        local long = string.rep("\255", 65535)
+        c:incr(long, 16)
+        assert.is_true(c:sync())
+        assert.equal(3, c:get("1"))
+        assert.equal(1, c:get("1.5"))
+        assert.equal(4, c:get("a\0b"))
+        assert.equal(8, c:get("a\0c"))
+        assert.is_nil(c:get("a"))
+        assert.equal(16, c:get(long))
+    end)
+
+    it("reset is dict:incr(key, -n, n) and leaves the buffer alone",
+       function()
+        c:incr("r", 5)
+        local v, err, forcible = c:reset("r", 1)
+        assert.equal(0, v)
+        assert.is_nil(err)
+        assert.is_false(forcible)
+        assert.same({ nil, "expect a number at #2" }, { c:reset("r") })
+        assert.is_true(c:sync())
+        assert.equal(5, c:get("r"))
+        assert.equal(2, c:reset("r", 3))
+    end)
+
+    it("a key that holds a string fails alone, logged once", function()
+        dict:set("s", "a string")
+        local log_at = error_log_size()
+        c:incr("s")
+        c:incr("n1")
+        c:incr("n2", 2)
+        assert.is_false(c:sync())
+        assert.equal("a string", c:get("s"))
+        assert.equal(1, c:get("n1"))
+        assert.equal(2, c:get("n2"))
+        local log = error_log_since(log_at)
+        assert.equal(1, count(log, "error increasing counter in shdict key: "
+                                   .. "s, err: not a number"))
+        local s = c:stats()
+        assert.is_true(s.dropped_permanent >= 1)
+        assert.equal(0, s.pending_keys)
+        -- the next sync is clean again
+        c:incr("n1")
+        assert.is_true(c:sync())
+    end)
+
+    it("keeps deltas a full dict refused, and delivers them later",
+       function()
+        -- A dict full of small entries: evicting 30 of them frees no slab
+        -- page for a larger key, so nginx answers "no memory".
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local fillers = 0
+        while small:safe_set("f" .. fillers + 1, 1) do
+            fillers = fillers + 1
+        end
+        local sc = counter.new("full")
+        local prefix = string.rep("k", 300)
+        for i = 1, 20 do
+            sc:incr(prefix .. i, i)
+            sc:incr(prefix .. i, 0.5)
+        end
+        local log_at = error_log_size()
+        assert.is_false(sc:sync())
+        local s = sc:stats()
+        assert.is_true(s.pending_keys > 0, "nothing was refused")
+        assert.is_true(count(error_log_since(log_at), "err: no memory") > 0)
+
+        -- Room returns: every refused delta arrives, exactly once.
+        for i = 1, fillers do
+            small:delete("f" .. i)
+        end
+        assert.is_true(sc:sync())
+        for i = 1, 20 do
+            assert.equal(i + 0.5, small:get(prefix .. i), "key " .. i)
+        end
+        s = sc:stats()
+        assert.equal(0, s.pending_keys)
+        assert.is_true(s.retries > 0)
+        assert.equal(0, s.dropped_deltas)
+        small:flush_all()
+        small:flush_expired()
+    end)
+
+    it("error_metric_name: evictions fail the sync and count once",
+       function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local sc = counter.new("full", nil, "sync_errors")
+        -- Fill the dict with plain entries, so that new keys evict them.
+        for i = 1, 10000 do
+            if not small:safe_set("filler-" .. i, i) then
+                break
+            end
+        end
+        local log_at = error_log_size()
+        sc:incr("evictor")
+        assert.is_false(sc:sync())
+        assert.equal(1, sc:get("evictor"))
+        assert.equal(1, sc:get("sync_errors"))
+        local log = error_log_since(log_at)
+        assert.equal(1, count(log, "increasing counter in shdict: lru "
+                                   .. "eviction: key=evictor"))
+        assert.equal(0, count(log, "error increasing counter"))
+        assert.is_true(sc:stats().evictions >= 1)
+        small:flush_all()
+        small:flush_expired()
+    end)
+
+    it("the automatic sync delivers without a manual sync", function()
+        local c2 = counter.new("counters2", 0.05)
+        ngx.shared.counters2:delete("auto")
+        c2:incr("auto", 7)
+        local deadline = ngx.now() + 5
+        while c2:get("auto") == nil and ngx.now() < deadline do
+            ngx.sleep(0.02)
+            ngx.update_time()
+        end
+        assert.equal(7, c2:get("auto"))
+        assert.is_true(c2:stats().syncs >= 1)
+    end)
+end)
