@@ -1,0 +1,95 @@
+# shellcheck shell=bash
+# Runs a throwaway nginx on loopback from a config template: sourced by
+# examples/demo.sh, spec/rock_test.sh and spec/examples_test.sh.
+#
+#   nx_launch TEMPLATE PREFIX REPO   render TEMPLATE into PREFIX/conf/nginx.conf
+#                                    on a free port (NX_PORT), start it, wait
+#                                    until it answers
+#   nx_render TEMPLATE OUT PREFIX PORT REPO
+#                                    the rendering alone
+#   nx_stop PREFIX                   graceful quit (workers flush), then wait
+#
+# NX_READY_PATH (default /) is the path polled until nginx answers.
+# Templates use ${PREFIX}, ${PORT} and ${REPO}. Running as root, a
+# `user root;` line is prepended so that workers can read a checkout under a
+# private home directory (they would otherwise run as nobody).
+
+NGINX=${NGINX:-nginx}
+NX_PORT=
+
+nx_free_port() {
+  local p _
+  for _ in $(seq 1 50); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  echo "no free port found on 127.0.0.1" >&2
+  return 1
+}
+
+nx_render() {
+  local tpl=$1 out=$2 prefix=$3 port=$4 repo=$5
+  {
+    if [ "$(id -u)" -eq 0 ]; then
+      echo "user root;  # prepended: run as root, workers read the checkout"
+    fi
+    sed -e "s|\${PREFIX}|$prefix|g" -e "s|\${PORT}|$port|g" \
+        -e "s|\${REPO}|$repo|g" "$tpl"
+  } >"$out"
+}
+
+# Starts nginx on PREFIX/conf/nginx.conf and waits for an answer on NX_PORT.
+nx_start() {
+  local prefix=$1 _
+  mkdir -p "$prefix/logs"
+  "$NGINX" -p "$prefix" -c "$prefix/conf/nginx.conf" \
+           -e "$prefix/logs/error.log" 2>>"$prefix/logs/start.log" || return 1
+  for _ in $(seq 1 200); do
+    # Any HTTP answer, even a 404, means a worker is serving.
+    if curl -s -o /dev/null --max-time 1 \
+         "http://127.0.0.1:$NX_PORT${NX_READY_PATH:-/}"; then
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "nginx did not answer on 127.0.0.1:$NX_PORT" >&2
+  return 1
+}
+
+nx_launch() {
+  local tpl=$1 prefix=$2 repo=$3 _
+  mkdir -p "$prefix/conf" "$prefix/logs"
+  for _ in 1 2 3; do
+    NX_PORT=$(nx_free_port) || return 1
+    nx_render "$tpl" "$prefix/conf/nginx.conf" "$prefix" "$NX_PORT" "$repo"
+    : >"$prefix/logs/start.log"
+    if nx_start "$prefix"; then
+      return 0
+    fi
+    # Another process took the port between the probe and the bind: retry.
+    grep -q "Address already in use" "$prefix/logs/start.log" \
+      "$prefix/logs/error.log" 2>/dev/null || break
+    nx_stop "$prefix"
+  done
+  echo "nginx failed to start; its output:" >&2
+  cat "$prefix/logs/start.log" "$prefix/logs/error.log" >&2 2>/dev/null
+  return 1
+}
+
+nx_stop() {
+  local prefix=$1 pid _
+  pid=$(cat "$prefix/logs/nginx.pid" 2>/dev/null) || return 0
+  [ -n "$pid" ] || return 0
+  kill -QUIT "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 200); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
+  echo "nginx $pid did not quit in 10 s: killing it" >&2
+  pkill -KILL -P "$pid" 2>/dev/null
+  kill -KILL "$pid" 2>/dev/null
+  return 0
+}
