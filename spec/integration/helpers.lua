@@ -76,16 +76,18 @@ function _M.dump(dict)
   return concat(lines, "\n") .. "\n"
 end
 
--- Stats of a counter plus chosen keys' values, for one response.
-function _M.report(c, keys)
+-- Stats of a counter (when it has stats()) and the values of chosen keys,
+-- `named` mapping a short name to a key, as one response body.
+function _M.report(c, named)
   local t = {}
   if c.stats then
     for k, v in pairs(c:stats()) do
       t["stats." .. k] = v
     end
   end
-  for _, k in ipairs(keys or {}) do
-    t["value." .. _M.escape(tostring(k))] = c:get(k) or "nil"
+  for name, key in pairs(named or {}) do
+    local v = c:get(key)
+    t["value." .. name] = v == nil and "nil" or v
   end
   t.pid = ngx.worker.pid()
   return _M.encode(t)
