@@ -21,9 +21,12 @@ test: deps build test-rust test-lua test-nginx test-integration test-rock
 test-rust:
 	$(CARGO) test --locked
 
-# Pure-Lua specs (stub dicts, no nginx) under LuaJIT and under plain Lua.
+# Pure-Lua specs (stub dicts, no nginx) under LuaJIT and plain Lua 5.1/5.2,
+# as Kong's and nginx-lua-prometheus's unit tests run them.
 test-lua:
 	$(LUAJIT) /usr/bin/busted --run=unit
+	lua5.1 /usr/bin/busted --run=unit
+	lua5.2 /usr/bin/busted --run=unit
 
 # Specs that run inside an nginx worker.
 test-nginx: build
