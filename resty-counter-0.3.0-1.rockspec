@@ -7,8 +7,11 @@ rockspec_format = "3.0"
 package = "resty-counter"
 version = "0.3.0-1"
 
+-- No public repository yet (.invalid is reserved for names that resolve
+-- nowhere). `luarocks make` in a checkout does not read `source`; to
+-- `luarocks build` this rockspec elsewhere, point `url` at your clone.
 source = {
-   url = "git+file://./resty.counter",
+   url = "git+https://example.invalid/resty.counter.git",
    tag = "v0.3.0",
 }
 
@@ -29,8 +32,6 @@ supported_platforms = { "linux" }
 dependencies = {
    "lua >= 5.1",
 }
-
-build_dependencies = {}
 
 build = {
    type = "command",
