@@ -109,6 +109,10 @@ if [ "$total" -eq 0 ]; then
   echo "demo: FAILED: no request was served" >&2
   exit 1
 fi
+if grep -E '\[(error|crit|alert|emerg)\]' "$prefix/logs/error.log" >&2; then
+  echo "demo: FAILED: nginx logged errors (above)" >&2
+  exit 1
+fi
 if [ "$fail" -ne 0 ]; then
   echo "demo: FAILED: counters differ from the access log" >&2
   exit 1
