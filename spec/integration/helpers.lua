@@ -169,6 +169,55 @@ function _M.rss_kib(pid)
          tonumber(status:match("RssAnon:%s*(%d+)"))
 end
 
+-- CRC-32 (IEEE, as zlib and nginx's ngx_crc32_short): the hash a shared
+-- dict files its keys under. Needs LuaJIT's `bit`.
+local crc_table
+function _M.crc32(s)
+  local bit = require "bit"
+  local band, bxor, rshift = bit.band, bit.bxor, bit.rshift
+  if not crc_table then
+    crc_table = {}
+    for i = 0, 255 do
+      local c = i
+      for _ = 1, 8 do
+        c = band(c, 1) == 1 and bxor(0xEDB88320, rshift(c, 1)) or rshift(c, 1)
+      end
+      crc_table[i] = c
+    end
+  end
+  local c = 0xFFFFFFFF
+  for i = 1, #s do
+    c = bxor(crc_table[band(bxor(c, s:byte(i)), 0xFF)], rshift(c, 8))
+  end
+  return bit.tobit(bxor(c, 0xFFFFFFFF)) % 2^32
+end
+
+function _M.count(t)
+  local n = 0
+  for _ in pairs(t) do
+    n = n + 1
+  end
+  return n
+end
+
+-- The keys of `t` that share their CRC-32 with another key of `t`.
+function _M.crc32_colliding(t)
+  local by_crc, out = {}, {}
+  for k in pairs(t) do
+    local h = _M.crc32(k)
+    by_crc[h] = by_crc[h] or {}
+    table.insert(by_crc[h], k)
+  end
+  for _, keys in pairs(by_crc) do
+    if #keys > 1 then
+      for _, k in ipairs(keys) do
+        out[k] = true
+      end
+    end
+  end
+  return out
+end
+
 -- Lines of an error log that mean a worker crashed or nginx gave up.
 function _M.crash_lines(log)
   local bad = {}
