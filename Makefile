@@ -4,7 +4,7 @@ CARGO ?= cargo
 LUAJIT ?= luajit
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
-        test-long test-rock lint demo bench clean
+        test-long test-rock test-examples lint demo bench clean
 
 all: build
 
@@ -16,7 +16,8 @@ deps:
 
 # Rust unit tests and the ABI drift check, then busted specs inside a real
 # nginx, then multi-worker integration against a real nginx on loopback.
-test: deps build test-rust test-lua test-nginx test-integration test-rock
+test: deps build test-rust test-lua test-nginx test-integration test-examples \
+      test-rock
 
 test-rust:
 	$(CARGO) test --locked
@@ -38,6 +39,10 @@ test-integration: build
 
 test-long: build
 	LONG=1 $(LUAJIT) /usr/bin/busted --run=integration
+
+# Each config in examples/ passes nginx -t; plain and the prometheus alias run.
+test-examples: build
+	spec/examples_test.sh
 
 test-rock:
 	tools/install-deps rock

@@ -95,6 +95,27 @@ local int32_out, stats_out
 
 -- Finds the library through package.cpath, the one mechanism, so a source
 -- tree (target/release/?.so) and a LuaRocks tree work the same way.
+-- Loads one candidate: the library, or nil and why not (nil: no file).
+local function try_library(path)
+    local f = io.open(path, "rb")
+    if not f then
+        return nil
+    end
+    f:close()
+    local ok, l = pcall(ffi.load, path)
+    if not ok then
+        return nil, tostring(l)
+    end
+    local has, v = pcall(function() return l.resty_counter_abi_version() end)
+    if not has then
+        return nil, "not resty.counter's library"
+    end
+    if v ~= ABI_VERSION then
+        return nil, "abi", tonumber(v)
+    end
+    return l
+end
+
 local function load_library()
     if lib then
         return lib
@@ -102,26 +123,21 @@ local function load_library()
     ffi.cdef(CDEF)
     local tried = {}
     for template in package.cpath:gmatch("[^;]+") do
-        local path = template:gsub("%?", LIB_NAME)
-        local f = io.open(path, "rb")
-        if f then
-            f:close()
-            local ok, l = pcall(ffi.load, path)
-            if ok then
-                local v = l.resty_counter_abi_version()
-                if v ~= ABI_VERSION then
-                    return nil, "resty.counter: " .. path .. " implements ABI "
-                                .. tonumber(v) .. ", this shim needs "
-                                .. ABI_VERSION .. ": rebuild or reinstall it"
-                end
-                lib = l
+        if template:find("?", 1, true) then
+            local path = template:gsub("%?", LIB_NAME)
+            local found, why, version = try_library(path)
+            if found then
+                lib = found
                 int32_out = ffi.new("int32_t[1]")
                 stats_out = ffi.new("double[?]", #STATS_FIELDS)
                 return lib
             end
-            tried[#tried + 1] = path .. " (" .. tostring(l) .. ")"
-        else
-            tried[#tried + 1] = path
+            if why == "abi" then
+                return nil, "resty.counter: " .. path .. " implements ABI "
+                            .. version .. ", this shim needs " .. ABI_VERSION
+                            .. ": rebuild or reinstall it"
+            end
+            tried[#tried + 1] = why and path .. " (" .. why .. ")" or path
         end
     end
     return nil, "resty.counter: cannot find " .. LIB_NAME .. ".so in "

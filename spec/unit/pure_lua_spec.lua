@@ -132,6 +132,7 @@ describe("resty.counter without nginx #unit", function()
         assert.matches('shared dict "nope" not defined', err, 1, true)
         assert.matches("pure_lua_spec.lua:%d+:", err)
         ok, err = pcall(counter.new, nil)
+        assert.is_false(ok)
         assert.matches('shared dict "nil" not defined', err, 1, true)
         for _, bad in ipairs({ 0, -1, "abc", 0 / 0, math.huge }) do
             ok, err = pcall(counter.new, "counters", bad)
