@@ -1,7 +1,8 @@
 -- Issue 3, point 2: nothing lost when a worker exits.
 --
--- Two counters of resty.counter: one with a 60 s interval (so within the
--- test only the exit flush can deliver) and one without an interval
+-- Two counters of resty.counter: one with a one-hour interval (its first
+-- sync falls at a random point of the first hour, so within the test only
+-- the exit flush can deliver) and one without an interval
 -- (manual, never synced); and the same two of the original algorithm. N
 -- requests increment all four; nothing has reached the dicts yet.
 --
@@ -22,9 +23,9 @@ local H = require "spec.integration.helpers"
 local N = H.LONG and 2000 or 300
 
 local COUNTERS = [[
-  { name = "auto", mod = H.NEW, interval = 60 },
+  { name = "auto", mod = H.NEW, interval = 3600 },
   { name = "manual", mod = H.NEW },
-  { name = "orig_auto", mod = H.ORIGINAL, interval = 60 },
+  { name = "orig_auto", mod = H.ORIGINAL, interval = 3600 },
   { name = "orig_manual", mod = H.ORIGINAL },
 ]]
 
@@ -44,7 +45,7 @@ local HTTP = [[
     if witness then
       -- Runs when the worker exits (premature), after the counters' exit
       -- timers have run: it yields first, and they do not.
-      assert(ngx.timer.at(3600, function(premature)
+      assert(ngx.timer.at(7200, function(premature)
         if not premature then
           return
         end
