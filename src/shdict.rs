@@ -1,9 +1,17 @@
 //! The shared dict's C entry point, imported from lua-nginx-module.
 //!
-//! Part of the FFI layer: it finds `*_ffi_shdict_incr` in the worker's
-//! global symbol namespace (`dlsym(RTLD_DEFAULT)`: nginx loads the lua module
-//! with `RTLD_GLOBAL`, OpenResty links it into the binary) and calls it with
-//! `init = 0`, the way `dict:incr(key, delta, 0)` does, minus the Lua.
+//! Part of the FFI layer: it finds `*_ffi_shdict_incr` and `*_ffi_shdict_store`
+//! in the worker's global symbol namespace (`dlsym(RTLD_DEFAULT)`: nginx
+//! loads the lua module with `RTLD_GLOBAL`, OpenResty links it into the
+//! binary) and does what `dict:incr(key, delta, 0)` means, minus the Lua.
+//!
+//! It does not call incr with an init value. lua-nginx-module (0.10.23 at
+//! least) links a new node into the dict's tree before copying its key in,
+//! so when the new key's CRC32 equals an existing key's, the tree compares
+//! against uninitialised bytes and the two keys can corrupt each other
+//! (e.g. "buckeroo" and "plumless"). `add` copies the key first. So: incr
+//! without init; on "not found", add the delta as a new number; if another
+//! worker added it in between ("exists"), incr again.
 
 use std::ffi::{CStr, c_char, c_int, c_long, c_void};
 use std::ptr::{self, NonNull};
@@ -24,16 +32,38 @@ pub type IncrFn = unsafe extern "C" fn(
     forcible: *mut c_int,
 ) -> c_int;
 
+/// `ngx_http_lua_ffi_shdict_store` and its twins; stable since 0.10.x.
+pub type StoreFn = unsafe extern "C" fn(
+    zone: *mut c_void,
+    op: c_int,
+    key: *const u8,
+    key_len: usize,
+    value_type: c_int,
+    str_value_buf: *const u8,
+    str_value_len: usize,
+    num_value: f64,
+    exptime: c_long,
+    user_flags: c_int,
+    errmsg: *mut *mut c_char,
+    forcible: *mut c_int,
+) -> c_int;
+
 /// `ngx_http_lua_ffi_shdict_udata_to_zone` (0.10.14 and later).
 pub type UdataToZoneFn = unsafe extern "C" fn(zone_udata: *mut c_void) -> *mut c_void;
 
 const NGX_OK: c_int = 0;
+/// `NGX_HTTP_LUA_SHDICT_ADD`: store only if the key is missing.
+const SHDICT_ADD: c_int = 1;
+/// `LUA_TNUMBER`: the stored value is `num_value`.
+const LUA_TNUMBER: c_int = 3;
+/// How often a key may vanish and reappear between incr and add.
+const ATTEMPTS: usize = 3;
 
 /// Why a dict handle could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenError {
-    /// No `*_ffi_shdict_incr` in this process: not inside nginx with the
-    /// lua module, or an unknown subsystem.
+    /// No `*_ffi_shdict_incr` or `*_ffi_shdict_store` in this process: not
+    /// inside nginx with the lua module, or an unknown subsystem.
     NoSymbol,
     /// `dict[1]` did not lead to a zone.
     BadZone,
@@ -54,11 +84,12 @@ fn lookup(name: &str) -> Option<NonNull<c_void>> {
     NonNull::new(unsafe { libc::dlsym(libc::RTLD_DEFAULT, cname.as_ptr()) })
 }
 
-/// A shared dict zone and the entry point that increments in it.
+/// A shared dict zone and the entry points that write numbers into it.
 #[derive(Debug)]
 pub struct ShDict {
     zone: NonNull<c_void>,
     incr: IncrFn,
+    store: StoreFn,
 }
 
 impl ShDict {
@@ -73,12 +104,17 @@ impl ShDict {
             return Err(OpenError::BadZone);
         }
         for prefix in prefixes(subsystem) {
-            let Some(incr) = lookup(&format!("{prefix}_ffi_shdict_incr")) else {
+            let (Some(incr), Some(store)) = (
+                lookup(&format!("{prefix}_ffi_shdict_incr")),
+                lookup(&format!("{prefix}_ffi_shdict_store")),
+            ) else {
                 continue;
             };
             // SAFETY: the symbol is lua-nginx-module's shdict incr, whose C
             // signature is IncrFn in every version this crate supports.
             let incr: IncrFn = unsafe { std::mem::transmute(incr.as_ptr()) };
+            // SAFETY: likewise, shdict store has the signature StoreFn.
+            let store: StoreFn = unsafe { std::mem::transmute(store.as_ptr()) };
             let zone = match lookup(&format!("{prefix}_ffi_shdict_udata_to_zone")) {
                 Some(f) => {
                     // SAFETY: same module, signature UdataToZoneFn.
@@ -90,23 +126,22 @@ impl ShDict {
                 None => zone_udata,
             };
             let zone = NonNull::new(zone).ok_or(OpenError::BadZone)?;
-            return Ok(ShDict { zone, incr });
+            return Ok(ShDict { zone, incr, store });
         }
         Err(OpenError::NoSymbol)
     }
 
-    /// A dict over an explicit entry point: the tests' stand-in.
+    /// A dict over explicit entry points: the tests' stand-ins.
     ///
     /// # Safety
-    /// `incr` must behave like lua-nginx-module's shdict incr for `zone`.
+    /// `incr` and `store` must behave like lua-nginx-module's for `zone`.
     #[cfg(test)]
-    pub unsafe fn with_entry(zone: NonNull<c_void>, incr: IncrFn) -> Self {
-        ShDict { zone, incr }
+    pub unsafe fn with_entries(zone: NonNull<c_void>, incr: IncrFn, store: StoreFn) -> Self {
+        ShDict { zone, incr, store }
     }
-}
 
-impl Dict for ShDict {
-    fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError> {
+    /// `dict:incr(key, delta)`, no init: `Ok(None)` when the key is missing.
+    fn incr_existing(&mut self, key: &[u8], delta: f64) -> Result<Option<Written>, DictError> {
         let mut value = delta;
         let mut err: *mut c_char = ptr::null_mut();
         let mut forcible: c_int = 0;
@@ -120,23 +155,77 @@ impl Dict for ShDict {
                 key.len(),
                 &mut value,
                 &mut err,
-                1,
+                0,
                 0.0,
                 0,
                 &mut forcible,
             )
         };
         if rc == NGX_OK {
-            return Ok(Written {
+            return Ok(Some(Written { evicted: false }));
+        }
+        match message(err) {
+            Some(b"not found") => Ok(None),
+            Some(msg) => Err(DictError::from_message(msg)),
+            None => Err(DictError::Other),
+        }
+    }
+
+    /// `dict:add(key, delta)`: `Ok(None)` when the key exists by now.
+    fn add_new(&mut self, key: &[u8], delta: f64) -> Result<Option<Written>, DictError> {
+        let mut err: *mut c_char = ptr::null_mut();
+        let mut forcible: c_int = 0;
+        // SAFETY: as in incr_existing; a number store reads no string
+        // buffer, so NULL with length 0 is what lua-resty-core passes too.
+        let rc = unsafe {
+            (self.store)(
+                self.zone.as_ptr(),
+                SHDICT_ADD,
+                key.as_ptr(),
+                key.len(),
+                LUA_TNUMBER,
+                ptr::null(),
+                0,
+                delta,
+                0,
+                0,
+                &mut err,
+                &mut forcible,
+            )
+        };
+        if rc == NGX_OK {
+            return Ok(Some(Written {
                 evicted: forcible != 0,
-            });
+            }));
         }
-        if err.is_null() {
-            return Err(DictError::Other);
+        match message(err) {
+            Some(b"exists") => Ok(None),
+            Some(msg) => Err(DictError::from_message(msg)),
+            None => Err(DictError::Other),
         }
-        // SAFETY: on error the module sets *err to a static C string.
-        let msg = unsafe { CStr::from_ptr(err) };
-        Err(DictError::from_message(msg.to_bytes()))
+    }
+}
+
+/// The static message nginx left in `*err`, if any.
+fn message<'a>(err: *mut c_char) -> Option<&'a [u8]> {
+    if err.is_null() {
+        return None;
+    }
+    // SAFETY: on error the module sets *err to a static C string.
+    Some(unsafe { CStr::from_ptr(err) }.to_bytes())
+}
+
+impl Dict for ShDict {
+    fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError> {
+        for _ in 0..ATTEMPTS {
+            if let Some(w) = self.incr_existing(key, delta)? {
+                return Ok(w);
+            }
+            if let Some(w) = self.add_new(key, delta)? {
+                return Ok(w);
+            }
+        }
+        Err(DictError::Other)
     }
 }
 
@@ -145,17 +234,28 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    /// The zone the stand-in entry point works on.
+    /// The zone the stand-in entry points work on.
     #[derive(Default)]
     struct Zone {
         map: HashMap<Vec<u8>, f64>,
         full: bool,
         string_key: Option<Vec<u8>>,
-        last_init: Option<(c_int, f64, c_long)>,
+        /// Keys another worker adds between our incr and our add.
+        raced: Vec<Vec<u8>>,
+        incr_inits: Vec<c_int>,
+        adds: usize,
     }
 
     static NO_MEMORY: &CStr = c"no memory";
     static NOT_A_NUMBER: &CStr = c"not a number";
+    static NOT_FOUND: &CStr = c"not found";
+    static EXISTS: &CStr = c"exists";
+
+    fn fail(err: *mut *mut c_char, msg: &'static CStr) -> c_int {
+        // SAFETY (test): ShDict passes a valid err pointer.
+        unsafe { *err = msg.as_ptr() as *mut c_char };
+        -1
+    }
 
     /// A stand-in for `ngx_http_lua_ffi_shdict_incr` with its exact C ABI.
     unsafe extern "C" fn fake_incr(
@@ -165,41 +265,84 @@ mod tests {
         value: *mut f64,
         err: *mut *mut c_char,
         has_init: c_int,
-        init: f64,
-        init_ttl: c_long,
+        _init: f64,
+        _init_ttl: c_long,
         forcible: *mut c_int,
     ) -> c_int {
         // SAFETY (test): ShDict passes back the Zone pointer it was given and
         // valid pointers for the rest.
-        unsafe {
-            let zone = &mut *(zone as *mut Zone);
-            let key = std::slice::from_raw_parts(key, key_len).to_vec();
-            zone.last_init = Some((has_init, init, init_ttl));
+        let (zone, key) = unsafe {
             *forcible = 0;
-            if zone.string_key.as_ref() == Some(&key) {
-                *err = NOT_A_NUMBER.as_ptr() as *mut c_char;
-                return -1;
-            }
-            if zone.full && !zone.map.contains_key(&key) {
-                *err = NO_MEMORY.as_ptr() as *mut c_char;
-                return -1;
-            }
-            let v = zone.map.entry(key).or_insert(init);
+            (
+                &mut *(zone as *mut Zone),
+                std::slice::from_raw_parts(key, key_len).to_vec(),
+            )
+        };
+        zone.incr_inits.push(has_init);
+        if zone.string_key.as_ref() == Some(&key) {
+            return fail(err, NOT_A_NUMBER);
+        }
+        let Some(v) = zone.map.get_mut(&key) else {
+            return fail(err, NOT_FOUND);
+        };
+        // SAFETY (test): value points at the caller's delta.
+        unsafe {
             *v += *value;
             *value = *v;
-            *forcible = c_int::from(zone.map.len() > 2);
-            NGX_OK
         }
+        NGX_OK
+    }
+
+    /// A stand-in for `ngx_http_lua_ffi_shdict_store`, ADD of numbers only.
+    unsafe extern "C" fn fake_store(
+        zone: *mut c_void,
+        op: c_int,
+        key: *const u8,
+        key_len: usize,
+        value_type: c_int,
+        _str: *const u8,
+        _str_len: usize,
+        num: f64,
+        _exptime: c_long,
+        _flags: c_int,
+        err: *mut *mut c_char,
+        forcible: *mut c_int,
+    ) -> c_int {
+        // SAFETY (test): as in fake_incr.
+        let (zone, key) = unsafe {
+            *forcible = 0;
+            (
+                &mut *(zone as *mut Zone),
+                std::slice::from_raw_parts(key, key_len).to_vec(),
+            )
+        };
+        assert_eq!((op, value_type), (SHDICT_ADD, LUA_TNUMBER));
+        zone.adds += 1;
+        if let Some(at) = zone.raced.iter().position(|k| *k == key) {
+            zone.raced.remove(at);
+            zone.map.insert(key, 100.0);
+            return fail(err, EXISTS);
+        }
+        if zone.map.contains_key(&key) {
+            return fail(err, EXISTS);
+        }
+        if zone.full {
+            return fail(err, NO_MEMORY);
+        }
+        zone.map.insert(key, num);
+        // SAFETY (test): valid forcible pointer.
+        unsafe { *forcible = c_int::from(zone.map.len() > 2) };
+        NGX_OK
     }
 
     fn dict(zone: &mut Zone) -> ShDict {
         let zone = NonNull::from(zone).cast();
-        // SAFETY (test): fake_incr implements the contract over Zone.
-        unsafe { ShDict::with_entry(zone, fake_incr) }
+        // SAFETY (test): the fakes implement the contract over Zone.
+        unsafe { ShDict::with_entries(zone, fake_incr, fake_store) }
     }
 
     #[test]
-    fn passes_init_zero_and_reads_results() {
+    fn new_keys_are_added_existing_ones_incremented_never_with_init() {
         let mut zone = Zone::default();
         let mut d = dict(&mut zone);
         assert_eq!(d.incr(b"a\0b", 2.0), Ok(Written { evicted: false }));
@@ -207,7 +350,19 @@ mod tests {
         assert_eq!(d.incr(b"c", 1.0), Ok(Written { evicted: false }));
         assert_eq!(d.incr(b"d", 1.0), Ok(Written { evicted: true }));
         assert_eq!(zone.map[&b"a\0b".to_vec()], 3.5);
-        assert_eq!(zone.last_init, Some((1, 0.0, 0)));
+        assert_eq!(zone.adds, 3);
+        assert!(zone.incr_inits.iter().all(|&i| i == 0), "incr with init");
+    }
+
+    #[test]
+    fn a_key_another_worker_adds_first_is_incremented() {
+        let mut zone = Zone {
+            raced: vec![b"r".to_vec()],
+            ..Zone::default()
+        };
+        let mut d = dict(&mut zone);
+        assert_eq!(d.incr(b"r", 1.0), Ok(Written { evicted: false }));
+        assert_eq!(zone.map[&b"r".to_vec()], 101.0);
     }
 
     #[test]
@@ -242,8 +397,8 @@ mod tests {
 pub(crate) mod tests_support {
     use super::*;
 
-    /// A stand-in entry point that accepts every write.
-    unsafe extern "C" fn accept_all(
+    /// A stand-in incr that accepts every write.
+    unsafe extern "C" fn accept_incr(
         _zone: *mut c_void,
         _key: *const u8,
         _key_len: usize,
@@ -259,9 +414,27 @@ pub(crate) mod tests_support {
         NGX_OK
     }
 
+    /// A stand-in store that is never reached (every incr succeeds).
+    unsafe extern "C" fn unreachable_store(
+        _zone: *mut c_void,
+        _op: c_int,
+        _key: *const u8,
+        _key_len: usize,
+        _value_type: c_int,
+        _str: *const u8,
+        _str_len: usize,
+        _num: f64,
+        _exptime: c_long,
+        _flags: c_int,
+        _err: *mut *mut c_char,
+        _forcible: *mut c_int,
+    ) -> c_int {
+        -1
+    }
+
     /// A dict whose every write succeeds, for tests of the ABI adapters.
     pub fn accepting_dict() -> ShDict {
-        // SAFETY (test): accept_all never dereferences the zone.
-        unsafe { ShDict::with_entry(NonNull::dangling(), accept_all) }
+        // SAFETY (test): the stand-ins never dereference the zone.
+        unsafe { ShDict::with_entries(NonNull::dangling(), accept_incr, unreachable_store) }
     }
 }

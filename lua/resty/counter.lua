@@ -28,6 +28,10 @@ local mt = { __index = _M }
 local ABI_VERSION = 1
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.001     -- work per slice of an automatic sync
+-- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
+-- nginx patch; without it (Debian's nginx) it still waits for a timer
+-- cycle, but logs a WARN each time. 1 ms lets the event loop run there too.
+local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32          -- keys between two looks at the clock
 local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
 local KEEP_SPARE_MAX = 16384    -- larger buffers are freed, not recycled
@@ -154,6 +158,21 @@ local function log(level, ...)
     return ngx.log(level, ...)
 end
 
+-- A key as it goes into a log line: control and non-ASCII bytes escaped,
+-- long keys cut, so one odd key cannot garble or truncate the error log.
+local LOG_KEY_MAX = 200
+local function printable(key)
+    local cut = #key > LOG_KEY_MAX
+    local s = cut and key:sub(1, LOG_KEY_MAX) or key
+    s = s:gsub("[%c\\\128-\255]", function(c)
+        return ("\\x%02x"):format(c:byte())
+    end)
+    if cut then
+        s = s .. "...(" .. #key .. " bytes)"
+    end
+    return s
+end
+
 local function strerror(rc)
     return ffi.string(lib.resty_counter_strerror(rc))
 end
@@ -185,7 +204,7 @@ local function report(self, key, rc, tally)
         tally.evicted = tally.evicted + 1
         if self.error_metric then
             log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                key)
+                printable(key))
             return false
         end
         return true
@@ -195,8 +214,8 @@ local function report(self, key, rc, tally)
     end
     tally.failed = tally.failed + 1
     if tally.failed <= WARN_LINES_PER_SYNC then
-        log(ngx.WARN, "error increasing counter in shdict key: ", key,
-            ", err: ", strerror(rc),
+        log(ngx.WARN, "error increasing counter in shdict key: ",
+            printable(key), ", err: ", strerror(rc),
             rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
     end
     return false
@@ -210,7 +229,7 @@ local function drain(self, tally, budget)
     local add = lib.resty_counter_flusher_add
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local ok, n = true, 0
+    local ok, n = true, self.drained or 0
     for key, delta in next, t, self.cursor do
         local rc = add(h, key, #key, delta)
         if rc ~= RC_STORED then
@@ -218,11 +237,11 @@ local function drain(self, tally, budget)
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
-            self.cursor = key
+            self.cursor, self.drained = key, n
             return ok, false
         end
     end
-    self.draining, self.cursor = nil, nil
+    self.draining, self.cursor, self.drained = nil, nil, nil
     self.generation = self.generation + 1
     if n <= KEEP_SPARE_MAX then
         clear_tab(t)
@@ -240,8 +259,29 @@ local function swap(self)
     local fresh = self.spare or {}
     self.spare = nil
     self.buf = fresh
-    self.draining, self.cursor = t, nil
+    self.draining, self.cursor, self.drained = t, nil, nil
     return true
+end
+
+-- dict:incr(key, value, init) for a real shared dict, without handing
+-- incr an init value: lua-nginx-module links a new node into the tree
+-- before copying its key, which corrupts keys with equal CRC32s (see
+-- src/shdict.rs). add copies the key first.
+local function incr_init(dict, key, value, init)
+    for _ = 1, 3 do
+        local v, err = dict:incr(key, value)
+        if v or err ~= "not found" then
+            return v, err, false
+        end
+        local ok, add_err, forcible = dict:add(key, init + value)
+        if ok then
+            return init + value, nil, forcible
+        end
+        if add_err ~= "exists" then
+            return nil, add_err, forcible
+        end
+    end
+    return nil, "key keeps vanishing", false
 end
 
 local function begin_sync(self)
@@ -273,7 +313,7 @@ local function end_sync(self, ok, tally)
         ok = false  -- keys still pending: not every delta arrived
     end
     if not ok and self.error_metric then
-        self.dict:incr(self.error_metric, 1, 0)
+        incr_init(self.dict, self.error_metric, 1, 0)
     end
     return ok
 end
@@ -292,12 +332,12 @@ local function sync_now(self)
     return end_sync(self, ok, tally)
 end
 
--- The automatic sync: slices of about SLICE_SECONDS with ngx.sleep(0)
+-- The automatic sync: slices of about SLICE_SECONDS with a short sleep
 -- between them, so thousands of keys never stall the event loop.
 local function sync_sliced(self)
     local tally = begin_sync(self)
     while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
-        ngx.sleep(0)
+        ngx.sleep(SLICE_PAUSE)
     end
     local ok = true
     if not self.draining then
@@ -308,7 +348,7 @@ local function sync_sliced(self)
         local slice_ok, done = drain(self, tally, SLICE_SECONDS)
         ok = slice_ok and ok
         if not done then
-            ngx.sleep(0)
+            ngx.sleep(SLICE_PAUSE)
         end
     end
     return end_sync(self, ok, tally)
@@ -502,10 +542,10 @@ local function incr_slow(self, key, step)
 
     if self.direct then
         if ngx.get_phase() == "init" then
-            local _, err = self.dict:incr(key, step, 0)
+            local _, err = incr_init(self.dict, key, step, 0)
             if err then
-                log(ngx.WARN, "error increasing counter in shdict key: ", key,
-                    ", err: ", err)
+                log(ngx.WARN, "error increasing counter in shdict key: ",
+                    printable(key), ", err: ", err)
             end
             return true
         end
@@ -550,6 +590,9 @@ function _M.reset(self, key, number)
     number = tonumber(number)
     if not number or number ~= number then
         return nil, "expect a number at #2"
+    end
+    if self.native then
+        return incr_init(self.dict, key, -number, number)
     end
     return self.dict:incr(key, -number, number)
 end

@@ -32,7 +32,7 @@ local MAX_BURST_HEAP_KIB = 2 * 1024
 -- The sliced (automatic) sync decides whether to recycle a drained buffer
 -- from the keys of its last slice only, so a big buffer is kept; see
 -- spec/RELIABILITY.md. Set to true once the shim counts across slices.
-local SLICED_BURST_FREED = false
+local SLICED_BURST_FREED = true
 
 local HTTP = [[
   lua_shared_dict churn 8m;

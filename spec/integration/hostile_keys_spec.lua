@@ -28,7 +28,7 @@ local WRK_SECONDS = H.LONG and 8 or 2
 -- ngx.shared.DICT:incr(k, v, 0), the original and resty.counter all go
 -- through it. Set to true once src/shdict.rs creates missing keys with
 -- ngx_http_lua_ffi_shdict_store(op = ADD) instead (see spec/RELIABILITY.md).
-local CRC32_COLLISIONS_HANDLED = false
+local CRC32_COLLISIONS_HANDLED = true
 
 -- Pairs of keys with the same CRC-32.
 local COLLIDING = {
