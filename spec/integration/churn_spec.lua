@@ -29,10 +29,6 @@ local MAX_GROWTH_KIB = 20 * 1024
 -- buffers of up to 16384 keys).
 local BURST_KEYS = 200000
 local MAX_BURST_HEAP_KIB = 2 * 1024
--- The sliced (automatic) sync decides whether to recycle a drained buffer
--- from the keys of its last slice only, so a big buffer is kept; see
--- spec/RELIABILITY.md. Set to true once the shim counts across slices.
-local SLICED_BURST_FREED = true
 
 local HTTP = [[
   lua_shared_dict churn 8m;
@@ -176,9 +172,7 @@ describe("#integration bounded memory under key churn", function()
   end
 
   for _, mode in ipairs({ "manual", "auto" }) do
-    local it_or_pending = (mode == "manual" or SLICED_BURST_FREED) and it
-                          or pending
-    it_or_pending(("a burst of %d keys is freed once flushed (%s sync)")
+    it(("a burst of %d keys is freed once flushed (%s sync)")
                   :format(BURST_KEYS, mode), function()
       local status, body = srv:get("/burst?mode=" .. mode, nil, 60)
       assert.equal(200, status, body)

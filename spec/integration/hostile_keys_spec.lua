@@ -25,10 +25,9 @@ local WRK_SECONDS = H.LONG and 8 or 2
 -- key's, the tie is broken by comparing uninitialised bytes. The node can
 -- land on the wrong side: that key, and others with the same CRC-32,
 -- become unreachable (get() answers nil, the next incr makes another node).
--- ngx.shared.DICT:incr(k, v, 0), the original and resty.counter all go
--- through it. Set to true once src/shdict.rs creates missing keys with
--- ngx_http_lua_ffi_shdict_store(op = ADD) instead (see spec/RELIABILITY.md).
-local CRC32_COLLISIONS_HANDLED = true
+-- ngx.shared.DICT:incr(k, v, 0) and the original go through it;
+-- resty.counter creates missing keys with add instead (src/shdict.rs, and
+-- the README's Reliability section), which these specs hold it to.
 
 -- Pairs of keys with the same CRC-32.
 local COLLIDING = {
@@ -277,15 +276,10 @@ describe("#integration hostile keys", function()
             :format(lines, distinct, H.count(H.crc32_colliding(want))))
     end
     assert.is_true(distinct > 5000, distinct .. " distinct keys")
-    local skip = {}
-    if not CRC32_COLLISIONS_HANDLED then
-      skip = H.crc32_colliding(want)
-    end
-    assert_dict("hk_wrk", want, skip)
+    assert_dict("hk_wrk", want, {})
   end)
 
-  local it_crc = CRC32_COLLISIONS_HANDLED and it or pending
-  it_crc("keys with the same CRC-32 both count, and neither hides the other",
+  it("keys with the same CRC-32 both count, and neither hides the other",
          function()
     local want = {}
     for _, pair in ipairs(COLLIDING) do
