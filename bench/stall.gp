@@ -1,13 +1,14 @@
 # Worst event-loop stall against dirty keys per interval (bench/run).
 # gnuplot -e "datafile='stall.dat'; outfile='stall.png'" bench/stall.gp
-set terminal pngcairo size 800,500 noenhanced font ",10"
+set terminal pngcairo size 900,560 noenhanced font ",10"
 set output outfile
-set title "Worst lateness of a 1 ms probe timer during automatic sync (JIT on, 1 worker)"
+set title "Event-loop stall during automatic sync: worst lateness of a 1 ms probe timer\nper sync interval (median over intervals), JIT on, 1 worker, sync_interval 0.5 s"
 set xlabel "keys dirtied per sync interval"
 set ylabel "worst stall (ms)"
 set logscale y
 set grid
-set key top left
+set key outside bottom center horizontal maxrows 2
+set bmargin 7
 set format x "%.0s%c"
 set xrange [0:*]
 set arrow from graph 0, first 2 to graph 1, first 2 nohead dashtype 2 lc rgb "#888888"

@@ -14,7 +14,7 @@ local fmt = string.format
 local samples = {}   -- "figure|mode|size|contender|metric" -> { values }
 local variants = {}
 
-local CORE = { none = true, proj = true, ref = true, plain = true,
+local CORE = { none = true, none2 = true, proj = true, ref = true, plain = true,
                floor = true, all = true }
 
 for l in io.lines(raw_path) do
@@ -117,7 +117,8 @@ local function label(c)
         return "proj+" .. c .. " (patch)"
     end
     return ({ proj = "project", ref = "reference", plain = "dict:incr",
-              floor = "floor (direct FFI)", none = "no counter" })[c] or c
+              floor = "floor (direct FFI)", none = "no counter",
+              none2 = "no counter (A/A control)" })[c] or c
 end
 
 ---------------------------------------------------------------------------
@@ -192,25 +193,39 @@ for s in pairs(stall_sizes) do
     sizes[#sizes + 1] = s
 end
 table.sort(sizes)
+local function max_of(figure, mode, size, contender, metric)
+    local t = samples[table.concat({ figure, mode, size, contender, metric },
+                                   "|")]
+    local m
+    for _, v in ipairs(t or {}) do
+        m = math.max(m or v, v)
+    end
+    return m
+end
+
+-- Stall: the median, over every sync interval of every round, of the worst
+-- lateness of the 1 ms timer probe within the interval. The note gives the
+-- run's absolute worst and the loopback-request probe's figure.
 local required = { [20000] = true, [100000] = true }
+local METRIC = "interval_worst_ms"
 for _, n in ipairs(sizes) do
     local size = tostring(n)
     local name = fmt("stall, %dk dirty keys/interval", n / 1000)
-    local base = get("stall", "jit", size, "ref", "worst_ms")
-    for _, c in ipairs(project_like()) do
-        local v = get("stall", "jit", size, c, "worst_ms")
+    local base = get("stall", "jit", size, "ref", METRIC)
+    local list = project_like()
+    list[#list + 1] = "ref"
+    list[#list + 1] = "none"
+    for _, c in ipairs(list) do
+        local v = get("stall", "jit", size, c, METRIC)
         if v then
+            local goal = c ~= "ref" and c ~= "none" and required[n]
+            local io = get("stall", "jit", size, c, "io_interval_worst_ms")
             row { name = name, contender = label(c), value = v, unit = "ms",
                   ratio = base and v / base, vs = "reference",
-                  goal = required[n] and "<= 2 ms" or nil,
-                  pass = when(required[n], v <= 2) }
-        end
-    end
-    for _, c in ipairs({ "ref", "none" }) do
-        local v = get("stall", "jit", size, c, "worst_ms")
-        if v then
-            row { name = name, contender = label(c), value = v, unit = "ms",
-                  ratio = base and v / base, vs = "reference" }
+                  goal = when(goal, "<= 2 ms"), pass = when(goal, v <= 2),
+                  note = fmt("max %.1f ms; I/O probe %.1f ms",
+                             max_of("stall", "jit", size, c, "worst_ms"),
+                             io or 0 / 0) }
         end
     end
 end
@@ -241,7 +256,7 @@ do
     local base = get("e2e", "jit", "5", "none", "rps")
     if base then
         local name = "end to end, 5 counters/request"
-        for _, c in ipairs({ "proj", "ref", "plain", "none" }) do
+        for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "rps")
             if v then
                 row { name = name, contender = label(c), value = v,
@@ -253,7 +268,7 @@ do
         -- The same goal through the worker's CPU time per request, which a
         -- neighbour on the shared machine disturbs far less than req/s.
         local cb = get("e2e", "jit", "5", "none", "cpu_us_per_req")
-        for _, c in ipairs({ "proj", "ref", "plain", "none" }) do
+        for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "cpu_us_per_req")
             if v and cb then
                 row { name = "end to end, worker CPU per request",
@@ -263,7 +278,7 @@ do
                       pass = when(c == "proj", v / cb <= 1 / 0.98) }
             end
         end
-        for _, c in ipairs({ "proj", "ref", "plain", "none" }) do
+        for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "p99_ms")
             local b = get("e2e", "jit", "5", "none", "p99_ms")
             if v then
@@ -350,10 +365,16 @@ end
 f:close()
 
 -- stall.dat: dirty keys, then worst stall (ms) per contender.
-local plot = { "none", "ref", "proj" }
-for _, v in ipairs(variants) do
-    plot[#plot + 1] = v
+local plot = {}
+for _, c in ipairs({ "ref", "proj", unpack(variants) }) do
+    for _, n in ipairs(sizes) do
+        if get("stall", "jit", tostring(n), c, METRIC) then
+            plot[#plot + 1] = c
+            break
+        end
+    end
 end
+plot[#plot + 1] = "none"
 f = assert(io.open(out_dir .. "/stall.dat", "w"))
 local head = { "keys" }
 for _, c in ipairs(plot) do
@@ -363,7 +384,7 @@ f:write(table.concat(head, " "), "\n")
 for _, n in ipairs(sizes) do
     local l = { tostring(n) }
     for _, c in ipairs(plot) do
-        local v = get("stall", "jit", tostring(n), c, "worst_ms")
+        local v = get("stall", "jit", tostring(n), c, METRIC)
         l[#l + 1] = v and fmt("%.3f", v) or "NaN"
     end
     f:write(table.concat(l, " "), "\n")
