@@ -112,9 +112,31 @@ local function project_like()
     return t
 end
 
+-- "proposal" or "diagnostic", from the patch's header (bench/patches).
+local patch_dir = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/patches/"
+local kinds = {}
+local function kind(c)
+    if kinds[c] == nil then
+        kinds[c] = "proposal"
+        local f = io.open(patch_dir .. c .. ".diff")
+        if f then
+            for l in f:lines() do
+                local k = l:match("^kind: (%w+)")
+                if k then
+                    kinds[c] = k
+                    break
+                end
+            end
+            f:close()
+        end
+    end
+    return kinds[c]
+end
+
 local function label(c)
     if variants[c] then
-        return "proj+" .. c .. " (patch)"
+        return "proj+" .. c .. (kind(c) == "diagnostic" and " (diagnostic)"
+                                or " (patch)")
     end
     return ({ proj = "project", ref = "reference", plain = "dict:incr",
               floor = "floor (direct FFI)", none = "no counter",
@@ -294,15 +316,18 @@ end
 -- Output: the table, summary.csv, stall.dat
 local cols = { "figure", "contender", "median", "ratio", "goal", "result" }
 local lines = {}
-local pass_n, miss_n = 0, 0
+local tally = { project = { 0, 0 }, patch = { 0, 0 } }
 for _, r in ipairs(rows) do
     local result = ""
+    local t = r.contender == "project" and tally.project
+              or r.contender:find("(patch)", 1, true) and tally.patch
+              or {}
     if r.pass == true then
         result = "pass"
-        pass_n = pass_n + 1
+        t[1] = (t[1] or 0) + 1
     elseif r.pass == false then
         result = "MISS"
-        miss_n = miss_n + 1
+        t[2] = (t[2] or 0) + 1
     end
     if r.note then
         result = result .. " (" .. r.note .. ")"
@@ -352,8 +377,15 @@ if sleep0 and sleep0 > 0 then
     print(fmt("note: nginx logged %d \"ngx.sleep(0) called without delayed "
               .. "events patch\" warnings during the stall figure", sleep0))
 end
-print(fmt("goals: %d pass, %d miss%s", pass_n, miss_n,
-          seconds and fmt("; bench took %d s", tonumber(seconds)) or ""))
+print(fmt("goals, project as it is: %d pass, %d miss", tally.project[1],
+          tally.project[2]))
+if tally.patch[1] + tally.patch[2] > 0 then
+    print(fmt("goals, proposed patches (rows where they ran): %d pass, %d miss",
+              tally.patch[1], tally.patch[2]))
+end
+if seconds then
+    print(fmt("bench/run took %d s", tonumber(seconds)))
+end
 
 local f = assert(io.open(out_dir .. "/summary.csv", "w"))
 f:write("figure,contender,median,unit,ratio,vs,goal,result\n")
