@@ -35,7 +35,7 @@ local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32          -- keys between two looks at the clock
 local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
 local KEEP_SPARE_MAX = 16384    -- larger buffers are freed, not recycled
-local EXIT_GUARD_INTERVAL = 3600
+local GUARD_PERIOD = 1          -- a manual counter's timer: waits for exit
 
 local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 
@@ -354,63 +354,57 @@ local function sync_sliced(self)
     return end_sync(self, ok, tally)
 end
 
-local function tick(premature, self)
+-- One timer per dict and worker, re-armed after each run: it syncs every
+-- sync_interval (in slices) and, for every counter, automatic or manual,
+-- flushes when the worker exits: lua-nginx-module runs pending timers at
+-- once, with premature = true, when a worker shuts down (reload, quit).
+local tick
+
+local function arm(self, delay)
+    local ok, err = ngx.timer.at(delay, tick, self)
+    if ok then
+        return
+    end
+    self.timer = false  -- the next new() or first incr tries again
+    if ngx.worker.exiting() then
+        return sync_now(self)  -- no timer will run: flush now
+    end
+    log(ngx.ERR, "resty.counter: cannot start the timer of shared dict \"",
+        self.name, "\": ", err)
+end
+
+tick = function(premature, self)
     if premature or ngx.worker.exiting() then
         return sync_now(self)
     end
-    if self.syncing then
-        return  -- the previous sliced sync is still running
+    local interval = self.interval
+    if not interval then
+        return arm(self, GUARD_PERIOD)  -- a manual counter: wait for exit
     end
-    self.syncing = true
+    local started = lib.resty_counter_clock()
     local ok, err = pcall(sync_sliced, self)
-    self.syncing = false
     if not ok then
         log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
             "\" failed: ", err)
     end
-end
-
-local function exit_guard(premature, self)
-    if premature or ngx.worker.exiting() then
+    if ngx.worker.exiting() then
         return sync_now(self)
     end
+    -- Keep the cadence: the next sync is due one interval after this began.
+    local spent = lib.resty_counter_clock() - started
+    return arm(self, interval > spent and interval - spent or 0.001)
 end
 
-local function first_tick(premature, self)
-    if premature then
-        return sync_now(self)
-    end
-    local ok, err = ngx.timer.every(self.interval, tick, self)
-    if not ok then
-        log(ngx.ERR, "resty.counter: cannot start the sync timer of shared ",
-            "dict \"", self.name, "\": ", err)
-        return
-    end
-    return tick(false, self)
-end
-
--- Starts this worker's timer for a native dict: the automatic sync, or for
--- a manual counter a guard that flushes when the worker exits. Not in the
--- master (init phase): timers are per worker.
+-- Starts this worker's timer for a native dict; not in the master (init
+-- phase): timers are per worker. The first run differs per worker, so that
+-- workers do not all take the dict's lock in the same instant.
 local function start_timer(self)
     if self.timer or ngx.get_phase() == "init" then
         return
     end
-    local ok, err
-    if self.interval then
-        -- A first tick that differs per worker, so that workers do not all
-        -- take the dict's lock in the same instant every interval.
-        local spread = (ngx.worker.pid() * 7919 % 1000) / 1000
-        ok, err = ngx.timer.at(spread * self.interval, first_tick, self)
-    else
-        ok, err = ngx.timer.every(EXIT_GUARD_INTERVAL, exit_guard, self)
-    end
-    if not ok then
-        log(ngx.ERR, "resty.counter: cannot start a timer for shared dict \"",
-            self.name, "\": ", err)
-        return
-    end
-    self.timer = self.interval and "sync" or "exit"
+    self.timer = true
+    local spread = (ngx.worker.pid() * 7919 % 1000) / 1000
+    return arm(self, spread * (self.interval or GUARD_PERIOD))
 end
 
 ---------------------------------------------------------------------------
@@ -495,10 +489,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
 
     if self.native then
         if sync_interval and not self.interval then
-            self.interval = sync_interval
-            if self.timer == "exit" then
-                self.timer = nil  -- the sync timer flushes at exit too
-            end
+            self.interval = sync_interval  -- the timer's next run takes it
         end
         if self.direct and ngx.get_phase() ~= "init" then
             self.direct = false  -- created in the master, now in a worker

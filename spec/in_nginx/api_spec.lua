@@ -73,6 +73,21 @@ describe("resty.counter in nginx", function()
         assert.equal(1, first:stats().sync_interval)
     end)
 
+    it("one timer per dict and worker, whatever new() is called with",
+       function()
+        local function timers()
+            return ngx.timer.pending_count() + ngx.timer.running_count()
+        end
+        local before = timers()
+        counter.new("stats")             -- manual: a timer that waits for exit
+        counter.new("stats", 0.5):incr("t")
+        for i = 1, 1000 do
+            counter.new("stats", i % 2 == 0 and 1 or nil)
+        end
+        assert.equal(before + 1, timers())
+        assert.equal(0.5, counter.new("stats"):stats().sync_interval)
+    end)
+
     it("throws at the caller's level for a missing dict or bad interval",
        function()
         local ok, err = pcall(function() counter.new("no_such_dict") end)
