@@ -29,6 +29,7 @@ local tonumber = tonumber
 local tostring = tostring
 local concat = table.concat
 local sort = table.sort
+local next = next
 local fmt = string.format
 local collectgarbage = collectgarbage
 
@@ -353,6 +354,84 @@ function M.sync_check()
     local out = {}
     line(out, "sync", n, "all", 0, "wrong_keys", wrong, "keys")
     line(out, "sync", n, "all", 0, "expected_value", want, "count")
+    ngx.print(concat(out, "\n"), "\n")
+end
+
+---------------------------------------------------------------------------
+-- order (optional, BENCH_ONLY=order): does the order of the writes matter?
+-- The floor's loop over the same n keys in three orders: a Lua table's hash
+-- order (what every buffered counter writes in), creation order (the order
+-- the dict's nodes were allocated in: the cache's best case), and the order
+-- of the dict's red-black tree (CRC32 of the key).
+---------------------------------------------------------------------------
+local ORDER_SRC = [[
+local C = require("ffi").C
+return function(zone, list, n, value, err, forcible)
+    for i = 1, n do
+        local k = list[i]
+        value[0] = 1
+        C.ngx_http_lua_ffi_shdict_incr(zone, k, #k, value, err, 1, 0, 0,
+                                       forcible)
+    end
+end
+]]
+local order_states = {}
+
+function M.order()
+    local a, n, round = args()
+    local reps = tonumber(a.reps) or 1
+    local st = order_states[n]
+    if not st then
+        local k = get_keys()
+        local created, t, hashed, crc = {}, {}, {}, {}
+        for i = 1, n do
+            created[i] = k[i]
+            t[k[i]] = 1
+            crc[k[i]] = ngx.crc32_short(k[i])
+        end
+        for key in next, t do
+            hashed[#hashed + 1] = key
+        end
+        local sorted = {}
+        for i = 1, n do
+            sorted[i] = created[i]
+        end
+        sort(sorted, function(x, y) return crc[x] < crc[y] end)
+        -- The dict's nodes are allocated in creation order, as when keys
+        -- first appear one after the other; then each order is timed.
+        local dict = ngx.shared["order_" .. n]
+        for i = 1, n do
+            dict:incr(created[i], 1, 0)
+        end
+        st = {
+            zone = C.ngx_http_lua_ffi_shdict_udata_to_zone(dict[1]),
+            lists = { hash = hashed, created = created, crc32 = sorted },
+            fns = {},
+            value = ffi.new("double[1]"),
+            err = ffi.new("char *[1]"),
+            forcible = ffi.new("int[1]"),
+        }
+        for name in pairs(st.lists) do
+            st.fns[name] = compile(ORDER_SRC, "order_" .. name .. n)
+        end
+        order_states[n] = st
+    end
+    local best = {}
+    local order = rotate({ "hash", "created", "crc32" }, round)
+    for _ = 1, reps do
+        for _, name in ipairs(order) do
+            collectgarbage()
+            local t0 = now()
+            st.fns[name](st.zone, st.lists[name], n, st.value, st.err,
+                         st.forcible)
+            local ns = (now() - t0) * 1e9 / n
+            best[name] = min(best[name] or ns, ns)
+        end
+    end
+    local out = {}
+    for _, name in ipairs(order) do
+        line(out, "order", n, name, round, "ns_per_key", best[name], "ns")
+    end
     ngx.print(concat(out, "\n"), "\n")
 end
 
