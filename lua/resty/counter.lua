@@ -554,19 +554,27 @@ local function incr_slow(self, key, step)
 end
 
 function _M.incr(self, key, step)
+    local buf = self.buf
+    local v = buf[key]
+    if v then
+        -- The common step first: a buffered value is always finite, and a
+        -- finite value plus 1 is finite, so no type() call and no check.
+        if step == nil or step == 1 then
+            buf[key] = v + 1
+            return true
+        end
+        if type(step) == "number" then
+            v = v + step
+            if v - v == 0 then  -- finite: not NaN, not +-inf
+                buf[key] = v
+                return true
+            end
+        end
+    end
     if step == nil then
         step = 1
     end
-    local buf = self.buf
-    local v = buf[key]
-    if v and type(step) == "number" then
-        v = v + step
-        if v - v == 0 then  -- finite: not NaN, not +-inf
-            buf[key] = v
-            return true
-        end
-    end
-    local ok = incr_slow(self, key, step)
+    local ok = incr_slow(self, key, step)  -- not a tail call: see incr_slow
     return ok
 end
 
