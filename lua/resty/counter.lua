@@ -34,7 +34,7 @@ local SLICE_SECONDS = 0.001     -- work per slice of an automatic sync
 local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32          -- keys between two looks at the clock
 local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
-local KEEP_SPARE_MAX = 16384    -- larger buffers are freed, not recycled
+local KEEP_SPARE_MAX = 16384    -- larger buffers are recycled only if steady
 local GUARD_PERIOD = 1          -- a manual counter's timer: waits for exit
 
 local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
@@ -243,7 +243,13 @@ local function drain(self, tally, budget)
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
     self.generation = self.generation + 1
-    if n <= KEEP_SPARE_MAX then
+    -- Recycle the buffer unless it was a burst: a fresh table regrows by
+    -- rehashing, a multi-millisecond step on the request path when every
+    -- interval dirties ~100k keys. A big buffer after a burst (more than
+    -- twice the keys of the drain before) is freed instead.
+    local prev = self.last_drained or 0
+    self.last_drained = n
+    if n <= KEEP_SPARE_MAX or n <= 2 * prev then
         clear_tab(t)
         self.spare = t
     end
