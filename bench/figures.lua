@@ -581,6 +581,9 @@ function M.stall()
     local c = stall_counter(name, interval)
     get_keys()
     collectgarbage()
+    if a.gc == "stop" then  -- diagnostic: is a stall the Lua GC's?
+        collectgarbage("stop")
+    end
 
     local st = { name = name }
     local flushed0 = c.stats and c:stats().keys_flushed
@@ -607,6 +610,9 @@ function M.stall()
     -- The last dirty keys flush within an interval, during the next run's
     -- warm-up, before its probes start.
     ngx.sleep(0.3)
+    if a.gc == "stop" then
+        collectgarbage("restart")
+    end
 
     local out = {}
     for _, w in ipairs(per_interval_worst(pst, interval, intervals)) do
