@@ -27,7 +27,7 @@ local mt = { __index = _M }
 
 local ABI_VERSION = 1
 local LIB_NAME = "libresty_counter"
-local SLICE_SECONDS = 0.001     -- work per slice of an automatic sync
+local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
 -- nginx patch; without it (Debian's nginx) it still waits for a timer
 -- cycle, but logs a WARN each time. 1 ms lets the event loop run there too.
