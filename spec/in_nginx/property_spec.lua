@@ -247,7 +247,7 @@ describe("property: resty.counter against a model, inside nginx", function()
 
   it("the original algorithm disagrees with the model (it accepts NaN and "
      .. "infinite steps, bad keys, and poisons or drops them)", function()
-    local original = require "spec.support.original_counter"
+    local original = require "bench.reference_counter"
     local failures, first = 0, nil
     for i = 1, 20 do
       local ok, err = pcall(round, original, SEED + i)

@@ -10,7 +10,7 @@ local concat, sort, format = table.concat, table.sort, string.format
 
 -- Module names the scenarios run against.
 _M.NEW = "resty.counter"
-_M.ORIGINAL = "spec.support.original_counter"
+_M.ORIGINAL = "bench.reference_counter"
 
 _M.LONG = os.getenv("LONG") == "1"
 
