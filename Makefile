@@ -52,6 +52,7 @@ lint:
 	tools/install-deps lint
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	luacheck lua spec bench examples
 
 demo:

@@ -1,7 +1,7 @@
 //! The exported C ABI: where a count crosses from Lua into Rust.
 //!
 //! Each function is a short adapter from raw pointers to the safe core in
-//! `flush.rs`, run inside [`guard`], so no panic ever unwinds into nginx.
+//! `flush.rs`, run inside `guard`, so no panic ever unwinds into nginx.
 //! The one source of truth for these prototypes is the `ffi.cdef` block in
 //! `lua/resty/counter.lua`; `tests/abi.rs` fails when the two drift apart.
 //!

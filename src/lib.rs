@@ -14,6 +14,8 @@
 //! `unsafe` lives in `ffi.rs` and `shdict.rs` only, each block with a
 //! `// SAFETY:` line.
 
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod ffi;
 pub mod flush;
 pub mod shdict;

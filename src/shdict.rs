@@ -94,8 +94,8 @@ pub struct ShDict {
 
 impl ShDict {
     /// Resolves the entry points for `subsystem` and turns `dict[1]` into a
-    /// zone: through `udata_to_zone` where the module has it (dict[1] is a
-    /// full userdata since 0.10.14), else dict[1] is the zone itself.
+    /// zone: through `udata_to_zone` where the module has it (`dict[1]` is a
+    /// full userdata since 0.10.14), else `dict[1]` is the zone itself.
     ///
     /// # Safety
     /// `zone_udata` must be NULL or `dict[1]` of a live shared dict.
@@ -252,7 +252,7 @@ mod tests {
     static EXISTS: &CStr = c"exists";
 
     fn fail(err: *mut *mut c_char, msg: &'static CStr) -> c_int {
-        // SAFETY (test): ShDict passes a valid err pointer.
+        // SAFETY: (test) ShDict passes a valid err pointer.
         unsafe { *err = msg.as_ptr() as *mut c_char };
         -1
     }
@@ -269,7 +269,7 @@ mod tests {
         _init_ttl: c_long,
         forcible: *mut c_int,
     ) -> c_int {
-        // SAFETY (test): ShDict passes back the Zone pointer it was given and
+        // SAFETY: (test) ShDict passes back the Zone pointer it was given and
         // valid pointers for the rest.
         let (zone, key) = unsafe {
             *forcible = 0;
@@ -285,7 +285,7 @@ mod tests {
         let Some(v) = zone.map.get_mut(&key) else {
             return fail(err, NOT_FOUND);
         };
-        // SAFETY (test): value points at the caller's delta.
+        // SAFETY: (test) value points at the caller's delta.
         unsafe {
             *v += *value;
             *value = *v;
@@ -308,7 +308,7 @@ mod tests {
         err: *mut *mut c_char,
         forcible: *mut c_int,
     ) -> c_int {
-        // SAFETY (test): as in fake_incr.
+        // SAFETY: (test) as in fake_incr.
         let (zone, key) = unsafe {
             *forcible = 0;
             (
@@ -330,14 +330,14 @@ mod tests {
             return fail(err, NO_MEMORY);
         }
         zone.map.insert(key, num);
-        // SAFETY (test): valid forcible pointer.
+        // SAFETY: (test) valid forcible pointer.
         unsafe { *forcible = c_int::from(zone.map.len() > 2) };
         NGX_OK
     }
 
     fn dict(zone: &mut Zone) -> ShDict {
         let zone = NonNull::from(zone).cast();
-        // SAFETY (test): the fakes implement the contract over Zone.
+        // SAFETY: (test) the fakes implement the contract over Zone.
         unsafe { ShDict::with_entries(zone, fake_incr, fake_store) }
     }
 
@@ -381,7 +381,7 @@ mod tests {
     fn open_outside_nginx_finds_no_symbol() {
         let mut byte = 0u8;
         let p = (&mut byte as *mut u8).cast();
-        // SAFETY (test): no entry point exists here, so p is never read.
+        // SAFETY: (test) no entry point exists here, so p is never read.
         unsafe {
             assert_eq!(ShDict::open(b"http", p).unwrap_err(), OpenError::NoSymbol);
             assert_eq!(ShDict::open(b"stream", p).unwrap_err(), OpenError::NoSymbol);
@@ -409,7 +409,7 @@ pub(crate) mod tests_support {
         _init_ttl: c_long,
         forcible: *mut c_int,
     ) -> c_int {
-        // SAFETY (test): ShDict always passes a valid forcible pointer.
+        // SAFETY: (test) ShDict always passes a valid forcible pointer.
         unsafe { *forcible = 0 };
         NGX_OK
     }
@@ -434,7 +434,7 @@ pub(crate) mod tests_support {
 
     /// A dict whose every write succeeds, for tests of the ABI adapters.
     pub fn accepting_dict() -> ShDict {
-        // SAFETY (test): the stand-ins never dereference the zone.
+        // SAFETY: (test) the stand-ins never dereference the zone.
         unsafe { ShDict::with_entries(NonNull::dangling(), accept_incr, unreachable_store) }
     }
 }
