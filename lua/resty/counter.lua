@@ -97,8 +97,6 @@ local STATS_FIELDS = {
 local lib          -- the loaded library, once a real shared dict needs it
 local int32_out, stats_out
 
--- Finds the library through package.cpath, the one mechanism, so a source
--- tree (target/release/?.so) and a LuaRocks tree work the same way.
 -- Loads one candidate: the library, or nil and why not (nil: no file).
 local function try_library(path)
     local f = io.open(path, "rb")
@@ -120,6 +118,8 @@ local function try_library(path)
     return l
 end
 
+-- Finds the library through package.cpath, the one mechanism, so a source
+-- tree (target/release/?.so) and a LuaRocks tree work the same way.
 local function load_library()
     if lib then
         return lib
@@ -153,10 +153,6 @@ end
 -- Per-dict state, one per dict and worker, shared by every new().
 ---------------------------------------------------------------------------
 local states = setmetatable({}, { __mode = "k" })
-
-local function log(level, ...)
-    return ngx.log(level, ...)
-end
 
 -- A key as it goes into a log line: control and non-ASCII bytes escaped,
 -- long keys cut, so one odd key cannot garble or truncate the error log.
@@ -203,8 +199,9 @@ local function report(self, key, rc, tally)
     if rc == RC_EVICTED then
         tally.evicted = tally.evicted + 1
         if self.error_metric then
-            log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                printable(key))
+            ngx.log(ngx.ERR,
+                    "increasing counter in shdict: lru eviction: key=",
+                    printable(key))
             return false
         end
         return true
@@ -214,9 +211,10 @@ local function report(self, key, rc, tally)
     end
     tally.failed = tally.failed + 1
     if tally.failed <= WARN_LINES_PER_SYNC then
-        log(ngx.WARN, "error increasing counter in shdict key: ",
-            printable(key), ", err: ", strerror(rc),
-            rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
+        ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
+                printable(key), ", err: ", strerror(rc),
+                rc == RC_RETAINED and " (kept, retried at the next sync)"
+                                  or "")
     end
     return false
 end
@@ -242,7 +240,6 @@ local function drain(self, tally, budget)
         end
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
-    self.generation = self.generation + 1
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
     -- rehashing, a multi-millisecond step on the request path when every
     -- interval dirties ~100k keys. A big buffer after a burst (more than
@@ -299,20 +296,20 @@ local function end_sync(self, ok, tally)
     local dropped = tonumber(lib.resty_counter_flusher_end(self.handle,
                                                             ok and 1 or 0))
     if tally.failed > WARN_LINES_PER_SYNC then
-        log(ngx.WARN, "resty.counter: ", tally.failed - WARN_LINES_PER_SYNC,
-            " more keys failed in this sync of shared dict \"", self.name,
-            "\"")
+        ngx.log(ngx.WARN, "resty.counter: ",
+                tally.failed - WARN_LINES_PER_SYNC, " more keys failed in ",
+                "this sync of shared dict \"", self.name, "\"")
     end
     if dropped > 0 then
         ok = false
-        log(ngx.ERR, "resty.counter: shared dict \"", self.name, "\" is full",
-            " and the pending cap is reached: dropped ", dropped,
-            " increments in this sync")
+        ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
+                "\" is full and the pending cap is reached: dropped ",
+                dropped, " increments in this sync")
     end
     if tally.evicted > 0 and not self.error_metric then
-        log(ngx.WARN, "resty.counter: flushing into shared dict \"",
-            self.name, "\" evicted other entries ", tally.evicted,
-            " times: the dict is too small")
+        ngx.log(ngx.WARN, "resty.counter: flushing into shared dict \"",
+                self.name, "\" evicted other entries ", tally.evicted,
+                " times: the dict is too small")
     end
     if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
        and stats_out[0] > 0 then
@@ -349,8 +346,9 @@ local function sync_sliced(self)
     if not self.draining then
         swap(self)
     end
-    local gen = self.generation
-    while self.draining and self.generation == gen do
+    -- A manual sync() may finish the drain between two slices; it runs to
+    -- the end without yielding, so draining is then nil.
+    while self.draining do
         local slice_ok, done = drain(self, tally, SLICE_SECONDS)
         ok = slice_ok and ok
         if not done then
@@ -375,8 +373,8 @@ local function arm(self, delay)
     if ngx.worker.exiting() then
         return sync_now(self)  -- no timer will run: flush now
     end
-    log(ngx.ERR, "resty.counter: cannot start the timer of shared dict \"",
-        self.name, "\": ", err)
+    ngx.log(ngx.ERR, "resty.counter: cannot start the timer of shared dict \"",
+            self.name, "\": ", err)
 end
 
 tick = function(premature, self)
@@ -390,8 +388,8 @@ tick = function(premature, self)
     local started = lib.resty_counter_clock()
     local ok, err = pcall(sync_sliced, self)
     if not ok then
-        log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
-            "\" failed: ", err)
+        ngx.log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
+                "\" failed: ", err)
     end
     if ngx.worker.exiting() then
         return sync_now(self)
@@ -411,6 +409,21 @@ local function start_timer(self)
     self.timer = true
     local spread = (ngx.worker.pid() * 7919 % 1000) / 1000
     return arm(self, spread * (self.interval or GUARD_PERIOD))
+end
+
+-- Whether this native state still writes through, in the master before
+-- the fork (see new_state). The first call in a worker switches it to
+-- buffering and starts the worker's timer.
+local function in_master(self)
+    if not self.direct then
+        return false
+    end
+    if ngx.get_phase() == "init" then
+        return true
+    end
+    self.direct = false
+    start_timer(self)
+    return false
 end
 
 ---------------------------------------------------------------------------
@@ -455,7 +468,6 @@ local function new_state(dict, name)
         name = name,
         buf = {},
         native = is_real_shdict(dict),
-        generation = 0,
     }, mt)
     if self.native then
         local h, err = new_native_handle(dict, name)
@@ -497,10 +509,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
         if sync_interval and not self.interval then
             self.interval = sync_interval  -- the timer's next run takes it
         end
-        if self.direct and ngx.get_phase() ~= "init" then
-            self.direct = false  -- created in the master, now in a worker
-        end
-        if not self.direct then
+        if not in_master(self) then
             start_timer(self)
         end
     elseif sync_interval and not self.interval then
@@ -512,7 +521,6 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
     return self
 end
 
--- The first increment of a key in an interval, and every bad input.
 -- The first increment of a key in an interval, and every bad input.
 -- Errors name the caller of incr (level 3: incr calls this, not as a tail
 -- call, because PUC Lua 5.1 leaves no position for a tail-called frame).
@@ -537,17 +545,13 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.direct then
-        if ngx.get_phase() == "init" then
-            local _, err = incr_init(self.dict, key, step, 0)
-            if err then
-                log(ngx.WARN, "error increasing counter in shdict key: ",
+    if in_master(self) then
+        local _, err = incr_init(self.dict, key, step, 0)
+        if err then
+            ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
                     printable(key), ", err: ", err)
-            end
-            return true
         end
-        self.direct = false  -- first increment in a forked worker
-        start_timer(self)
+        return true
     end
 
     local buf = self.buf
