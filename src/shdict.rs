@@ -164,11 +164,7 @@ impl ShDict {
         if rc == NGX_OK {
             return Ok(Some(Written { evicted: false }));
         }
-        match message(err) {
-            Some(b"not found") => Ok(None),
-            Some(msg) => Err(DictError::from_message(msg)),
-            None => Err(DictError::Other),
-        }
+        refusal(err, b"not found")
     }
 
     /// `dict:add(key, delta)`: `Ok(None)` when the key exists by now.
@@ -198,21 +194,24 @@ impl ShDict {
                 evicted: forcible != 0,
             }));
         }
-        match message(err) {
-            Some(b"exists") => Ok(None),
-            Some(msg) => Err(DictError::from_message(msg)),
-            None => Err(DictError::Other),
-        }
+        refusal(err, b"exists")
     }
 }
 
-/// The static message nginx left in `*err`, if any.
-fn message<'a>(err: *mut c_char) -> Option<&'a [u8]> {
+/// What a refused call means: `Ok(None)` for `try_other`, the one message
+/// that says the other call (add after incr, incr after add) is the right
+/// one; otherwise the error in the static message nginx left in `*err`.
+fn refusal(err: *mut c_char, try_other: &[u8]) -> Result<Option<Written>, DictError> {
     if err.is_null() {
-        return None;
+        return Err(DictError::Other);
     }
     // SAFETY: on error the module sets *err to a static C string.
-    Some(unsafe { CStr::from_ptr(err) }.to_bytes())
+    let msg = unsafe { CStr::from_ptr(err) }.to_bytes();
+    if msg == try_other {
+        Ok(None)
+    } else {
+        Err(DictError::from_message(msg))
+    }
 }
 
 impl Dict for ShDict {
