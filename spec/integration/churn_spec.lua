@@ -53,14 +53,7 @@ local SERVER = [[
         for i = 1, n do
           c:incr(head .. i, 1)
         end
-        if auto then
-          -- The timer swaps the buffer out and drains it in slices.
-          repeat
-            ngx.sleep(0.01)
-          until c:stats().buffered_keys == 0
-        else
-          c:sync()
-        end
+        H.flushed(c, auto)
         -- Every key of the round arrived, then the dict is emptied.
         local got = d:get(head .. n)
         if got ~= 1 then
@@ -88,13 +81,7 @@ local SERVER = [[
       for i = 1, ]] .. BURST_KEYS .. [[ do
         c:incr("burst:" .. i)
       end
-      if auto then
-        repeat
-          ngx.sleep(0.01)
-        until c:stats().buffered_keys == 0
-      else
-        c:sync()
-      end
+      H.flushed(c, auto)
       local d = ngx.shared[name]
       local last = d:get("burst:]] .. BURST_KEYS .. [[")
       d:flush_all()

@@ -78,6 +78,17 @@ end
 
 -- Stats of a counter (when it has stats()) and the values of chosen keys,
 -- `named` mapping a short name to a key, as one response body.
+-- Inside nginx: flushes counter c now (manual), or waits until its own
+-- timer has swapped the buffer out and drained it in slices (auto).
+function _M.flushed(c, auto)
+  if not auto then
+    return c:sync()
+  end
+  repeat
+    ngx.sleep(0.01)
+  until c:stats().buffered_keys == 0
+end
+
 function _M.report(c, named)
   local t = {}
   if c.stats then

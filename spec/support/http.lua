@@ -12,6 +12,7 @@
 -- there it is the port seen by an earlier call, or opts.port.
 -- luacheck: globals ngx
 local ngx = ngx
+local http_message = require "spec.support.http_message"
 
 local _M = {}
 
@@ -26,27 +27,6 @@ function _M.port()
     server_port = tonumber(ngx.var.server_port)
   end
   return server_port
-end
-
-local function build_request(path, headers)
-  local lines = { "GET " .. path .. " HTTP/1.0", "Host: 127.0.0.1" }
-  for name, value in pairs(headers or {}) do
-    lines[#lines + 1] = name .. ": " .. value
-  end
-  return table.concat(lines, "\r\n") .. "\r\n\r\n"
-end
-
-local function parse_response(raw)
-  local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
-  local status = tonumber(head and head:match("^HTTP/%d%.%d (%d%d%d)"))
-  if not status then
-    return nil, "malformed response: " .. raw:sub(1, 200)
-  end
-  local headers = {}
-  for name, value in head:gmatch("\r\n([^:\r\n]+):[ \t]*([^\r\n]*)") do
-    headers[name:lower()] = value
-  end
-  return status, body, headers
 end
 
 local function exchange(sock, port, request)
@@ -71,12 +51,13 @@ function _M.get(path, opts)
   local port = opts.port or _M.port()
   local sock = ngx.socket.tcp()
   sock:settimeout(opts.timeout or DEFAULT_TIMEOUT_MS)
-  local raw, err = exchange(sock, port, build_request(path, opts.headers))
+  local request = http_message.request(path, opts.headers)
+  local raw, err = exchange(sock, port, request)
   sock:close()
   if not raw then
     return nil, "GET " .. path .. ": " .. err
   end
-  return parse_response(raw)
+  return http_message.parse(raw)
 end
 
 return _M

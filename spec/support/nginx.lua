@@ -33,6 +33,7 @@
 -- REPO overrides the repository root, found otherwise from this file's path.
 
 local socket = require "socket"
+local http_message = require "spec.support.http_message"
 
 local _M = {}
 
@@ -181,33 +182,12 @@ local function receive_all(sock, timeout)
   return nil, "timeout after " .. timeout .. "s"
 end
 
-local function parse_response(raw)
-  local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
-  local status = tonumber(head and head:match("^HTTP/%d%.%d (%d%d%d)"))
-  if not status then
-    return nil, "malformed response: " .. raw:sub(1, 200)
-  end
-  local headers = {}
-  for name, value in head:gmatch("\r\n([^:\r\n]+):[ \t]*([^\r\n]*)") do
-    headers[name:lower()] = value
-  end
-  return status, body, headers
-end
-
-local function build_request(path, headers)
-  local lines = { "GET " .. path .. " HTTP/1.0", "Host: 127.0.0.1" }
-  for name, value in pairs(headers or {}) do
-    lines[#lines + 1] = name .. ": " .. value
-  end
-  return table.concat(lines, "\r\n") .. "\r\n\r\n"
-end
-
 local function http_get(port, path, headers, timeout)
   local sock = socket.tcp()
   sock:settimeout(timeout)
   local ok, err = sock:connect("127.0.0.1", port)
   if ok then
-    ok, err = sock:send(build_request(path, headers))
+    ok, err = sock:send(http_message.request(path, headers))
   end
   local raw
   if ok then
@@ -217,7 +197,7 @@ local function http_get(port, path, headers, timeout)
   if not raw then
     return nil, "GET " .. path .. ": " .. tostring(err)
   end
-  return parse_response(raw)
+  return http_message.parse(raw)
 end
 
 ---------------------------------------------------------------------------
