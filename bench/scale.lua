@@ -1,0 +1,219 @@
+-- The scaling figure of `make bench`: CPU that counting + sync costs all
+-- workers together, against the number of workers, and the dict writes per
+-- interval, for each contender side by side in one run.
+--
+--   luajit bench/scale.lua                    (from the repository root)
+--
+-- Every worker dirties the same K keys once per second (an ngx.timer.every
+-- of 1 s) and syncs every second. The CPU of all workers is read from
+-- /proc/<pid>/stat over SCALE_SECS after a warm-up; the "control" contender
+-- runs the same loop over the keys without counting, and its CPU is
+-- subtracted from the others'. Contenders are alternated round by round
+-- (the order rotates) and the figures are medians over the rounds.
+--
+-- Contenders:
+--   control   the key loop alone
+--   original  the original algorithm (bench/reference_counter.lua): every
+--             worker writes every key into the dict each interval, so its
+--             writes per interval are N x K by construction
+--   project   resty.counter as configured by default
+--   direct    resty.counter with the shared stage off (each worker flushes
+--             its own keys into the dict)
+--
+-- Environment: SCALE_WORKERS ("1 8 16 32"), SCALE_KEYS ("20000 50000"),
+-- SCALE_SECS (4), SCALE_WARM (3), SCALE_ROUNDS (3), SCALE_CONTENDERS,
+-- SCALE_OUT (bench/results): scale.csv (every round) and scale.png.
+
+package.path = "./?.lua;" .. package.path
+local nginx = require "spec.support.nginx"
+local socket = require "socket"
+
+local function list(name, default)
+  local out = {}
+  for word in (os.getenv(name) or default):gmatch("%S+") do
+    out[#out + 1] = tonumber(word) or word
+  end
+  return out
+end
+
+local WORKERS = list("SCALE_WORKERS", "1 8 16 32")
+local KEYS = list("SCALE_KEYS", "20000 50000")
+local CONTENDERS = list("SCALE_CONTENDERS", "control original project direct")
+local SECS = tonumber(os.getenv("SCALE_SECS")) or 4
+local WARM = tonumber(os.getenv("SCALE_WARM")) or 3
+local ROUNDS = tonumber(os.getenv("SCALE_ROUNDS")) or 3
+local OUT = os.getenv("SCALE_OUT") or "bench/results"
+
+local CLK_TCK = 100  -- getconf CLK_TCK on Linux
+
+-- What each worker runs: a 1-second timer that dirties every key once and
+-- records how many dict writes this worker has made so far.
+local HTTP = [[
+lua_shared_dict scale ${DICT_MB}m;
+lua_shared_dict scale_stats 1m;
+init_worker_by_lua_block {
+    local mode, K = "${MODE}", ${KEYS}
+    local keys = {}
+    for i = 1, K do
+        keys[i] = 'scale_requests_total{route="r' .. i .. '",code="200"}'
+    end
+    local c
+    if mode == "original" then
+        c = require("bench.reference_counter").new("scale", 1)
+    elseif mode == "project" then
+        c = assert(require("resty.counter").new("scale", 1))
+    elseif mode == "direct" then
+        c = assert(require("resty.counter").new("scale", 1, nil,
+                                                { stage = false }))
+    end
+    local stats = ngx.shared.scale_stats
+    local id = "w" .. ngx.worker.id()
+    local writes, sink = 0, 0
+    assert(ngx.timer.every(1, function(premature)
+        if premature then
+            return
+        end
+        if c then
+            for i = 1, K do
+                c:incr(keys[i], 1)
+            end
+        else
+            for i = 1, K do
+                sink = sink + #keys[i]
+            end
+        end
+        if mode == "original" then
+            writes = writes + K
+        elseif c then
+            writes = c:stats().keys_flushed or 0
+        end
+        stats:set(id, writes)
+        stats:set("sink", sink)
+    end))
+}
+]]
+
+local SERVER = [[
+location = /writes {
+    content_by_lua_block {
+        local stats, sum = ngx.shared.scale_stats, 0
+        for _, k in ipairs(stats:get_keys(0)) do
+            if k:sub(1, 1) == "w" then
+                sum = sum + stats:get(k)
+            end
+        end
+        ngx.say(sum)
+    }
+}
+]]
+
+local function cpu_ticks(pids)
+  local sum = 0
+  for _, pid in ipairs(pids) do
+    local f = io.open("/proc/" .. pid .. "/stat")
+    if f then
+      local stat = f:read("*a")
+      f:close()
+      local fields = {}
+      for w in stat:match(".*%) (.*)"):gmatch("%S+") do
+        fields[#fields + 1] = w
+      end
+      -- after the comm field: state is 1, utime 12, stime 13
+      sum = sum + tonumber(fields[12]) + tonumber(fields[13])
+    end
+  end
+  return sum
+end
+
+local function writes(srv)
+  local status, body = srv:get("/writes")
+  assert(status == 200, "GET /writes: " .. tostring(status))
+  return tonumber(body)
+end
+
+local function measure(mode, n, k)
+  local dict_mb = math.max(16, math.ceil(k * 600 / 1e6) + 8)
+  local srv = nginx.start{
+    workers = n,
+    http = (HTTP:gsub("%${([%w_]+)}", { MODE = mode, KEYS = tostring(k),
+                                     DICT_MB = tostring(dict_mb) })),
+    server = SERVER,
+  }
+  socket.sleep(WARM)
+  local pids = srv:worker_pids()
+  local c0, w0, t0 = cpu_ticks(pids), writes(srv), socket.gettime()
+  socket.sleep(SECS)
+  local c1, w1, t1 = cpu_ticks(pids), writes(srv), socket.gettime()
+  local log = srv:error_log()
+  srv:stop()
+  local errors = select(2, log:gsub("%[error%]", "")) + select(2, log:gsub("%[alert%]", ""))
+  local secs = t1 - t0
+  return (c1 - c0) * 1000 / CLK_TCK / secs, (w1 - w0) / secs, errors
+end
+
+local function median(t)
+  local s = {}
+  for i, v in ipairs(t) do
+    s[i] = v
+  end
+  table.sort(s)
+  local n = #s
+  if n == 0 then
+    return 0 / 0
+  end
+  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
+os.execute("mkdir -p " .. OUT)
+local csv = assert(io.open(OUT .. "/scale.csv", "w"))
+csv:write("workers,keys,contender,round,cpu_ms_per_s,writes_per_s,errors\n")
+
+local results = {}  -- [n][k][mode] = { cpu = {...}, writes = {...} }
+for _, n in ipairs(WORKERS) do
+  results[n] = {}
+  for _, k in ipairs(KEYS) do
+    results[n][k] = {}
+    for _, m in ipairs(CONTENDERS) do
+      results[n][k][m] = { cpu = {}, writes = {}, errors = 0 }
+    end
+    for round = 1, ROUNDS do
+      for i = 1, #CONTENDERS do
+        local m = CONTENDERS[(i + round - 2) % #CONTENDERS + 1]
+        local cpu, w, errs = measure(m, n, k)
+        local r = results[n][k][m]
+        r.cpu[#r.cpu + 1], r.writes[#r.writes + 1] = cpu, w
+        r.errors = r.errors + errs
+        csv:write(("%d,%d,%s,%d,%.2f,%.0f,%d\n"):format(n, k, m, round, cpu, w, errs))
+        csv:flush()
+        io.stderr:write(("scale: N=%d K=%d %-8s round %d: %.1f ms/s, %.0f writes/s\n")
+                        :format(n, k, m, round, cpu, w))
+      end
+    end
+  end
+end
+csv:close()
+
+-- Summary: CPU beyond the control, ratio to the original, writes per
+-- interval as a multiple of K.
+local plot = assert(io.open(OUT .. "/scale.dat", "w"))
+print(("%-4s %-6s %-9s %12s %10s %14s %7s"):format("N", "K", "contender",
+      "cpu ms/s", "x orig", "writes/(K)", "errors"))
+for _, n in ipairs(WORKERS) do
+  for _, k in ipairs(KEYS) do
+    local r = results[n][k]
+    local control = r.control and median(r.control.cpu) or 0
+    local orig = r.original and median(r.original.cpu) - control
+    local row = { n, k }
+    for _, m in ipairs(CONTENDERS) do
+      if m ~= "control" then
+        local cpu = median(r[m].cpu) - control
+        local w = m == "original" and n * k or median(r[m].writes)
+        print(("%-4d %-6d %-9s %12.1f %10s %14.2f %7d"):format(n, k, m, cpu,
+              orig and ("%.2fx"):format(cpu / orig) or "-", w / k, r[m].errors))
+        row[#row + 1] = ("%.2f"):format(cpu)
+      end
+    end
+    plot:write(table.concat(row, " "), "\n")
+  end
+end
+plot:close()
