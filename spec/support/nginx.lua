@@ -16,6 +16,7 @@
 --     stream_server = [[ content_by_lua_block { ... } ]],
 --                          -- lines for its server, which listens on
 --                          -- srv.stream_port (needs nginx.flavor().stream_lua)
+--     stream_listen = "reuseport",      -- parameters of its listen line
 --   }
 --   srv.port, srv.url ("http://127.0.0.1:<port>"), srv.prefix,
 --   srv.master_pid, srv.workers, srv.stream_port
@@ -260,7 +261,7 @@ stream {
 ${STREAM}
 
     server {
-        listen 127.0.0.1:${STREAM_PORT};
+        listen 127.0.0.1:${STREAM_PORT}${STREAM_LISTEN};
 ${STREAM_SERVER}
     }
 }
@@ -331,6 +332,7 @@ local function render_conf(srv, opts)
       STREAM = expand(opts.stream or "", vars),
       STREAM_SERVER = expand(opts.stream_server or "", vars),
       STREAM_PORT = vars.STREAM_PORT,
+      STREAM_LISTEN = opts.stream_listen and " " .. opts.stream_listen or "",
     })
   end
   return expand(CONF_TEMPLATE, {
