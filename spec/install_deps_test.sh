@@ -71,11 +71,14 @@ run_case() {
   echo "${before:--} ${after:--}"
 }
 
+# wait_gone PID [TRIES]: polls every 0.05 s until PID has exited.
 wait_gone() {
   local _
-  for _ in $(seq 1 100); do alive "$1" || return 0; sleep 0.05; done
+  for _ in $(seq 1 "${2:-100}"); do alive "$1" || return 0; sleep 0.05; done
   return 1
 }
+# Still running one second on: a QUIT would have ended it by then.
+stays() { ! wait_gone "$1" 20; }
 
 echo "install-deps: the system nginx"
 read -r _ started <<<"$(run_case started-by-install 0 1)"
@@ -86,14 +89,14 @@ else
 fi
 
 read -r before _ <<<"$(run_case running-before 1 0)"
-if alive "$before"; then
+if stays "$before"; then
   pass "an nginx that ran before the install keeps running"
 else
   fail "an nginx that ran before the install keeps running" "pid $before was stopped"
 fi
 
 read -r before after <<<"$(run_case restarted 1 1)"
-if alive "$before" && alive "$after"; then
+if stays "$before" && stays "$after"; then
   pass "an nginx that ran before stays, even when the pid file changes"
 else
   fail "an nginx that ran before stays, even when the pid file changes" "before $before, after $after"
