@@ -4,8 +4,8 @@ CARGO ?= cargo
 LUAJIT ?= luajit
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
-        test-long test-rock test-examples test-openresty test-stream lint demo \
-        bench clean
+        test-long test-rock test-examples test-openresty test-stream \
+        test-install-deps lint demo bench clean
 
 all: build
 
@@ -18,7 +18,7 @@ deps:
 # Rust unit tests and the ABI drift check, then busted specs inside a real
 # nginx, then multi-worker integration against a real nginx on loopback.
 test: deps build test-rust test-lua test-nginx test-integration test-examples \
-      test-rock test-stream
+      test-rock test-stream test-install-deps
 
 test-rust:
 	$(CARGO) test --locked
@@ -48,6 +48,11 @@ test-examples: build
 test-rock:
 	tools/install-deps rock
 	spec/rock_test.sh
+
+# tools/install-deps stops only a system nginx its own install started
+# (stand-in apt-get; installs nothing).
+test-install-deps:
+	spec/install_deps_test.sh
 
 # The stream subsystem (a stream {} block): needs an nginx with stream lua,
 # which Debian's has not (the specs then say so and skip).
