@@ -79,7 +79,8 @@ describe("the pause between sync slices", function()
     local before = warns(srv)
     assert.equal(200, (srv:get("/fill")))
     local socket = require "socket"
-    local deadline, body = socket.gettime() + 10, nil
+    local deadline = socket.gettime() + 10
+    local body
     repeat
       local _
       _, body = srv:get("/count")
