@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Runs a throwaway nginx on loopback from a config template: sourced by
-# examples/demo.sh, spec/rock_test.sh and spec/examples_test.sh.
+# examples/demo.sh, spec/rock_test.sh, spec/examples_test.sh and bench/run.
 #
 #   nx_launch TEMPLATE PREFIX REPO   render TEMPLATE into PREFIX/conf/nginx.conf
 #                                    on a free port (NX_PORT), start it, wait
@@ -97,7 +97,7 @@ nx_stop() {
     sleep 0.05
   done
   echo "nginx $pid did not quit in 10 s: killing it" >&2
-  pkill -KILL -P "$pid" 2>/dev/null
-  kill -KILL "$pid" 2>/dev/null
+  pkill -KILL -P "$pid" 2>/dev/null || true
+  kill -KILL "$pid" 2>/dev/null || true
   return 0
 }
