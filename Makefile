@@ -4,7 +4,8 @@ CARGO ?= cargo
 LUAJIT ?= luajit
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
-        test-long test-rock test-examples lint demo bench clean
+        test-long test-rock test-examples test-openresty test-stream \
+        test-install-deps lint demo bench clean
 
 all: build
 
@@ -17,7 +18,7 @@ deps:
 # Rust unit tests and the ABI drift check, then busted specs inside a real
 # nginx, then multi-worker integration against a real nginx on loopback.
 test: deps build test-rust test-lua test-nginx test-integration test-examples \
-      test-rock
+      test-rock test-stream test-install-deps
 
 test-rust:
 	$(CARGO) test --locked
@@ -47,6 +48,27 @@ test-examples: build
 test-rock:
 	tools/install-deps rock
 	spec/rock_test.sh
+
+# tools/install-deps stops only a system nginx its own install started
+# (stand-in apt-get; installs nothing).
+test-install-deps:
+	spec/install_deps_test.sh
+
+# The stream subsystem (a stream {} block): needs an nginx with stream lua,
+# which Debian's has not (the specs then say so and skip).
+test-stream: build
+	$(LUAJIT) /usr/bin/busted --run=stream
+
+# The nginx specs, integration specs, examples, rock test and stream specs
+# again on OpenResty 1.29.2.3, built (once, cached) by tools/build-openresty
+# from OPENRESTY_SRC. Fails when the sources are missing.
+OPENRESTY_ENV = target/openresty.env
+test-openresty: deps build
+	tools/build-openresty > $(OPENRESTY_ENV).tmp
+	mv $(OPENRESTY_ENV).tmp $(OPENRESTY_ENV)
+	set -a && . ./$(OPENRESTY_ENV) && SPEC_REQUIRE_STREAM=1 && \
+	  $(MAKE) --no-print-directory test-nginx test-integration test-examples \
+	    test-rock test-stream
 
 lint:
 	tools/install-deps lint

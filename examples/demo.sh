@@ -14,7 +14,7 @@ sync_interval=1  # the interval examples/nginx.conf passes to new()
 # shellcheck source=examples/nginx-helpers.sh
 . "$repo/examples/nginx-helpers.sh"
 
-for tool in "$NGINX" wrk curl; do
+for tool in "$NGINX_BIN" wrk curl; do
   command -v "$tool" >/dev/null || {
     echo "demo: $tool not found (make demo installs it: tools/install-deps demo)" >&2
     exit 1

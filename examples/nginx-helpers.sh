@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Runs a throwaway nginx on loopback from a config template: sourced by
-# examples/demo.sh, spec/rock_test.sh and spec/examples_test.sh.
+# examples/demo.sh, spec/rock_test.sh, spec/examples_test.sh and bench/run.
 #
 #   nx_launch TEMPLATE PREFIX REPO   render TEMPLATE into PREFIX/conf/nginx.conf
 #                                    on a free port (NX_PORT), start it, wait
@@ -10,11 +10,18 @@
 #   nx_stop PREFIX                   graceful quit (workers flush), then wait
 #
 # NX_READY_PATH (default /) is the path polled until nginx answers.
-# Templates use ${PREFIX}, ${PORT} and ${REPO}. Running as root, a
-# `user root;` line is prepended so that workers can read a checkout under a
-# private home directory (they would otherwise run as nobody).
+# Templates use ${PREFIX}, ${PORT} and ${REPO}. The nginx is NGINX_BIN
+# (default: nginx from PATH); the main-context lines its flavor needs
+# (Debian's load_module lines, none for OpenResty) are prepended, as told by
+# spec/support/nginx-conf, which also sets NGINX_FLAVOR, NGINX_RESTY_CORE
+# and NGINX_STREAM_LUA. Running as root, a `user root;` line is prepended
+# so that workers can read a checkout under a private home directory (they
+# would otherwise run as nobody).
 
-NGINX=${NGINX:-nginx}
+nx_conf=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/spec/support/nginx-conf
+nx_facts=$("$nx_conf") || { echo "cannot read the nginx flavor ($nx_conf)" >&2; exit 1; }
+eval "$nx_facts"
+unset nx_conf nx_facts
 NX_PORT=
 
 nx_free_port() {
@@ -33,6 +40,7 @@ nx_free_port() {
 nx_render() {
   local tpl=$1 out=$2 prefix=$3 port=$4 repo=$5
   {
+    [ -z "$NGINX_MAIN_CONF" ] || echo "$NGINX_MAIN_CONF"
     if [ "$(id -u)" -eq 0 ]; then
       echo "user root;  # prepended: run as root, workers read the checkout"
     fi
@@ -45,7 +53,7 @@ nx_render() {
 nx_start() {
   local prefix=$1 _
   mkdir -p "$prefix/logs"
-  "$NGINX" -p "$prefix" -c "$prefix/conf/nginx.conf" \
+  "$NGINX_BIN" -p "$prefix" -c "$prefix/conf/nginx.conf" \
            -e "$prefix/logs/error.log" 2>>"$prefix/logs/start.log" || return 1
   for _ in $(seq 1 200); do
     # Any HTTP answer, even a 404, means a worker is serving.
@@ -89,7 +97,7 @@ nx_stop() {
     sleep 0.05
   done
   echo "nginx $pid did not quit in 10 s: killing it" >&2
-  pkill -KILL -P "$pid" 2>/dev/null
-  kill -KILL "$pid" 2>/dev/null
+  pkill -KILL -P "$pid" 2>/dev/null || true
+  kill -KILL "$pid" 2>/dev/null || true
   return 0
 }

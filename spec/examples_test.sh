@@ -33,7 +33,7 @@ for conf in "$repo"/examples/*.conf; do
   p="$work/t-${name%.conf}"
   mkdir -p "$p/conf" "$p/logs"
   nx_render "$conf" "$p/conf/nginx.conf" "$p" "$(nx_free_port)" "$repo"
-  if out=$("$NGINX" -t -q -p "$p" -c "$p/conf/nginx.conf" -e "$p/logs/error.log" 2>&1); then
+  if out=$("$NGINX_BIN" -t -q -p "$p" -c "$p/conf/nginx.conf" -e "$p/logs/error.log" 2>&1); then
     pass "$name: nginx -t"
   else
     fail "$name: nginx -t" "$out"

@@ -105,4 +105,27 @@ describe("spec.support.nginx", function()
     assert.is_string(prefix)
     assert.is_false(dir_exists(prefix))
   end)
+
+  it("configures the flavor of NGINX_BIN: its resty.core, its modules", function()
+    local flavor = nginx.flavor()
+    local srv = nginx.start{ server = [[
+      location = /core {
+        content_by_lua_block {
+          ngx.print(debug.getinfo(require("resty.core.base").get_string_buf, "S").source)
+        }
+      }
+    ]] }
+    local status, source = srv:get("/core")
+    srv:stop()
+    assert.equal(200, status)
+    -- resty.core comes from where the flavor says (OpenResty's lualib,
+    -- never Debian's copy that is also on the host Lua's path).
+    local dir = flavor.lua_path:match("^([^;]*)/%?%.lua")
+    assert.is_string(dir)
+    assert.equal("@" .. dir .. "/resty/core/base.lua", source)
+    -- load_module lines exactly when lua-nginx-module is not built in.
+    local built_in = flavor.version_output:find("%-%-add%-module=%S*lua%-nginx%-module") ~= nil
+    assert.equal(built_in, flavor.main == "")
+    assert.equal(built_in and "openresty" or "debian", flavor.name)
+  end)
 end)

@@ -2,7 +2,7 @@
 # `make test-rock`: the LuaRocks package, installed and used the way a user
 # would. Installs the rockspec with `luarocks make` into a temporary tree
 # (cargo offline), starts a 2-worker nginx whose lua_package_path and
-# lua_package_cpath point only at that tree (and /usr/share/lua/5.1 for
+# lua_package_cpath point only at that tree (and where the flavor keeps
 # resty.core), counts N requests and checks the dict holds exactly N.
 set -uo pipefail
 
@@ -21,7 +21,7 @@ finish() {
   exit
 }
 
-for tool in luarocks cargo "$NGINX" curl; do
+for tool in luarocks cargo "$NGINX_BIN" curl; do
   command -v "$tool" >/dev/null || {
     echo "rock: $tool not found (tools/install-deps rock installs it)" >&2
     exit 1
@@ -65,14 +65,12 @@ fi
 # 2. An nginx that sees only the tree.
 mkdir -p "$prefix/conf" "$prefix/logs"
 cat >"$prefix/conf/rock.conf.in" <<CONF
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
 worker_processes 2;
 pid \${PREFIX}/logs/nginx.pid;
 error_log \${PREFIX}/logs/error.log warn;
 events { worker_connections 256; }
 http {
-    lua_package_path "$lua_dir/?.lua;/usr/share/lua/5.1/?.lua";
+    lua_package_path "$lua_dir/?.lua;$NGINX_RESTY_CORE";
     lua_package_cpath "$lib_dir/?.so";
     lua_shared_dict counters 1m;
     log_format rock '\$uri \$status \$pid';

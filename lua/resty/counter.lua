@@ -65,6 +65,14 @@ local has_ffi, ffi = pcall(require, "ffi")
 if has_ffi and not (ngx and ngx.config) then
     has_ffi = false  -- plain LuaJIT outside nginx: no shared dict to write to
 end
+-- With OpenResty's delayed-events patch (its queue is in the nginx binary),
+-- ngx.sleep(0) yields to the event loop at once: pause 0 there.
+if has_ffi then
+    pcall(ffi.cdef, "extern char ngx_posted_delayed_events;")
+    if pcall(function() return ffi.C.ngx_posted_delayed_events end) then
+        SLICE_PAUSE = 0
+    end
+end
 
 ---------------------------------------------------------------------------
 -- The ABI: the one source of truth for the library's prototypes.
@@ -621,6 +629,7 @@ function _M.stats(self)
         buffered_keys = nkeys(self.buf)
                         + (self.draining and nkeys(self.draining) or 0),
         sync_interval = self.interval,
+        slice_pause = SLICE_PAUSE,
     }
     if self.native then
         local n = lib.resty_counter_flusher_stats(self.handle, stats_out,
