@@ -19,3 +19,4 @@
 pub mod ffi;
 pub mod flush;
 pub mod shdict;
+pub mod stage;
