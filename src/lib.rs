@@ -20,3 +20,4 @@ pub mod ffi;
 pub mod flush;
 pub mod shdict;
 pub mod stage;
+pub mod zone;

@@ -361,6 +361,13 @@ impl<'a> Stage<'a> {
         })
     }
 
+    /// The region size a header claims, in words, read before attaching
+    /// (so the caller can bound the slice it hands to [`attach`](Self::attach)).
+    pub fn stored_words(header: &[AtomicU64]) -> Option<usize> {
+        let w = header.get(H_TOTAL)?.load(Acquire);
+        usize::try_from(w).ok()
+    }
+
     /// The stage's sizes.
     pub fn params(&self) -> Params {
         Params {
