@@ -17,6 +17,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod ffi;
+pub mod ffi_stage;
 pub mod flush;
 pub mod shdict;
 pub mod stage;
