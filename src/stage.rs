@@ -64,7 +64,9 @@ pub const ENTRY_WORDS: usize = 8;
 pub const SLOT_HEAD_WORDS: usize = 4;
 /// Slots a publish looks at before it gives up (`Full`): keys are request
 /// data, so a hostile or unlucky chain costs at most this much.
-pub const PROBE_LIMIT: usize = 32;
+pub const PROBE_LIMIT: usize = 64;
+/// Keys hashed ahead in a batch publish, so their cache misses overlap.
+const GROUP: usize = 8;
 /// Folds a slot must stay at delta 0 before it is retired.
 pub const IDLE_FOLDS: u64 = 2;
 /// The largest key-word count a layout may have (keys up to 2 KiB).
@@ -539,14 +541,41 @@ impl<'a> Stage<'a> {
         self.begin_pass(w);
         let (mut staged, mut full, mut long) = (0u64, 0u64, 0u64);
         let mut kw = [0u64; MAX_KEY_WORDS];
-        for (key, delta) in items {
-            let r = self.publish_in_pass(w, key, delta, &mut kw);
-            match r {
-                Published::Staged => staged += 1,
-                Published::Full => full += 1,
-                Published::TooLong => long += 1,
+        let mut items = items.into_iter();
+        // Groups of GROUP keys: hash them all and touch their slots first,
+        // so the cache misses of a group overlap instead of queueing.
+        let mut group: [(&'k [u8], f64, u64); GROUP] = [(&[], 0.0, 0); GROUP];
+        loop {
+            let mut n = 0;
+            for (key, delta) in items.by_ref().take(GROUP) {
+                let hash = if self.stageable(key, delta) {
+                    let nw = pack(key, &mut kw);
+                    let h = hash_words(self.seed, &kw[..nw], key.len());
+                    self.touch(fast_range(h, self.slots));
+                    h
+                } else {
+                    0
+                };
+                group[n] = (key, delta, hash);
+                n += 1;
             }
-            each(key, delta, r);
+            for &(key, delta, hash) in &group[..n] {
+                let r = if self.stageable(key, delta) {
+                    let nw = pack(key, &mut kw);
+                    self.probe(w, &kw[..nw], key.len(), hash, delta)
+                } else {
+                    Published::TooLong
+                };
+                match r {
+                    Published::Staged => staged += 1,
+                    Published::Full => full += 1,
+                    Published::TooLong => long += 1,
+                }
+                each(key, delta, r);
+            }
+            if n < GROUP {
+                break;
+            }
         }
         self.end_pass(w);
         for (i, n) in [(ST_PUBLISHED, staged), (ST_FULL, full), (ST_TOO_LONG, long)] {
@@ -556,6 +585,20 @@ impl<'a> Stage<'a> {
         }
     }
 
+    fn stageable(&self, key: &[u8], delta: f64) -> bool {
+        !key.is_empty() && key.len() <= self.max_key_len() && delta.is_finite()
+    }
+
+    /// Loads a slot's first two cache lines (meta and the key's start) so
+    /// the misses are under way before the slot is probed.
+    fn touch(&self, s: usize) {
+        let base = self.slot_base(s);
+        let a = self.words[base].load(Relaxed);
+        let b = self.words[(base + 8).min(self.words.len() - 1)].load(Relaxed);
+        std::hint::black_box(a ^ b);
+    }
+
+    #[cfg(test)]
     fn publish_in_pass(
         &self,
         w: Worker,
@@ -563,19 +606,30 @@ impl<'a> Stage<'a> {
         delta: f64,
         kw: &mut [u64; MAX_KEY_WORDS],
     ) -> Published {
-        if key.is_empty() || key.len() > self.max_key_len() || !delta.is_finite() {
+        if !self.stageable(key, delta) {
             return Published::TooLong;
         }
-        let nw = key.len().div_ceil(8);
-        pack(key, &mut kw[..nw]);
+        let nw = pack(key, kw);
         let hash = hash_words(self.seed, &kw[..nw], key.len());
-        let want = ready_payload(key.len(), hash);
-        let start = fast_range(hash, self.slots);
+        self.probe(w, &kw[..nw], key.len(), hash, delta)
+    }
+
+    /// Linear probe from the key's home slot: add into its READY slot, or
+    /// claim the first EMPTY one.
+    fn probe(&self, w: Worker, kw: &[u64], len: usize, hash: u64, delta: f64) -> Published {
+        let nw = kw.len();
+        let want = ready_payload(len, hash);
+        let mut s = fast_range(hash, self.slots);
         for i in 0..PROBE_LIMIT.min(self.slots) {
-            let s = (start + i) % self.slots;
+            if i > 0 {
+                s += 1;
+                if s == self.slots {
+                    s = 0;
+                }
+            }
             let meta = self.slot(s, S_META).load(Acquire);
             match state(meta) {
-                READY if payload(meta) == want && self.key_is(s, &kw[..nw]) => {
+                READY if payload(meta) == want && self.key_is(s, kw) => {
                     match self.add_to(s, delta) {
                         AddResult::Added => return Published::Staged,
                         AddResult::Overflow => return Published::Full,
@@ -595,7 +649,7 @@ impl<'a> Stage<'a> {
                     }
                     self.w(ST_FILL).fetch_add(1, Relaxed);
                     let base = self.slot_base(s) + SLOT_HEAD_WORDS;
-                    for (j, word) in kw[..self.key_words.min(nw)].iter().enumerate() {
+                    for (j, word) in kw.iter().enumerate() {
                         self.words[base + j].store(*word, Relaxed);
                     }
                     for j in nw..self.key_words {
@@ -901,13 +955,29 @@ fn add_f64(cell: &AtomicU64, x: f64) {
     }
 }
 
-/// Key bytes into little-endian words, the last one zero padded.
-fn pack(key: &[u8], out: &mut [u64]) {
-    for (word, chunk) in out.iter_mut().zip(key.chunks(8)) {
-        let mut b = [0u8; 8];
-        b[..chunk.len()].copy_from_slice(chunk);
-        *word = u64::from_le_bytes(b);
+/// Key bytes into little-endian words, the last one zero padded; returns
+/// the word count. `key` must fit in `out`.
+fn pack(key: &[u8], out: &mut [u64]) -> usize {
+    let mut chunks = key.chunks_exact(8);
+    let mut n = 0;
+    for (word, chunk) in out.iter_mut().zip(&mut chunks) {
+        *word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        n += 1;
     }
+    let rest = chunks.remainder().len();
+    if rest > 0 {
+        out[n] = if key.len() >= 8 {
+            // The last 8 bytes, shifted: no byte-wise copy.
+            let tail: [u8; 8] = key[key.len() - 8..].try_into().unwrap_or([0; 8]);
+            u64::from_le_bytes(tail) >> (8 * (8 - rest))
+        } else {
+            let mut b = [0u8; 8];
+            b[..rest].copy_from_slice(&key[key.len() - rest..]);
+            u64::from_le_bytes(b)
+        };
+        n += 1;
+    }
+    n
 }
 
 /// A seeded hash over the key's words: folded 64x64->128 multiplies (the

@@ -462,3 +462,18 @@ fn hash_spreads_keys_and_depends_on_the_seed() {
         "{buckets:?}"
     );
 }
+
+#[test]
+fn pack_matches_a_bytewise_packing_for_every_length() {
+    let key: Vec<u8> = (1..=40u8).collect();
+    for len in 1..=key.len() {
+        let mut fast = [0u64; 5];
+        let n = pack(&key[..len], &mut fast);
+        assert_eq!(n, len.div_ceil(8));
+        let mut slow = [0u64; 5];
+        for (i, b) in key[..len].iter().enumerate() {
+            slow[i / 8] |= u64::from(*b) << (8 * (i % 8));
+        }
+        assert_eq!(fast[..n], slow[..n], "len {len}");
+    }
+}
