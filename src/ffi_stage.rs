@@ -22,7 +22,9 @@ pub const RC_NULL: i32 = -1;
 pub const RC_PANIC: i32 = -6;
 /// Another worker holds the fold lease.
 pub const RC_BUSY: i32 = -7;
-/// Attach errors: `RC_ATTACH - index` of [`ATTACH_ERRORS`].
+/// Attach errors: `RC_ATTACH - i` for the i-th kind of `AttachError`
+/// (NoSymbol, NoSlab, BadZone, NameMismatch, Implausible, ZoneTooSmall,
+/// NoMemory, BadOffset, RegistryFull, Dict).
 pub const RC_ATTACH: i32 = -20;
 
 const ATTACH_ERRORS: [AttachError; 10] = [

@@ -236,7 +236,7 @@ unsafe fn zone_memory(
     }
     let addr = z.shm.addr as usize;
     let size = z.shm.size;
-    if addr == 0 || addr % 4096 != 0 || size < 8192 || size > 1 << 40 {
+    if addr == 0 || addr % 4096 != 0 || !(8192..=1 << 40).contains(&size) {
         return Err(AttachError::Implausible);
     }
     Ok((addr, size))
@@ -558,10 +558,8 @@ mod tests {
         z.shm.addr = (aligned + 8) as *mut u8;
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above.
-        assert_eq!(
-            unsafe { zone_memory(zp, b"counters") },
-            Err(AttachError::Implausible)
-        );
+        let r = unsafe { zone_memory(zp, b"counters") };
+        assert_eq!(r, Err(AttachError::Implausible));
     }
 
     #[test]
@@ -595,8 +593,9 @@ mod tests {
         }
         words[16 + 6].store(addr as u64 + 1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: (test) as above.
+        let r = unsafe { stage_at(addr, size, 128) };
         assert_eq!(
-            unsafe { stage_at(addr, size, 128) }.unwrap_err(),
+            r.unwrap_err(),
             AttachError::BadStage(LayoutError::BadAnchor)
         );
     }

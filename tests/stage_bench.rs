@@ -109,13 +109,13 @@ fn publish_ns_per_key() {
     for procs in [2usize, 4] {
         let out = shared_region();
         let mut pids = Vec::new();
-        for p in 0..procs {
+        for (p, slot) in out.iter().enumerate().take(procs) {
             // SAFETY: the child only publishes and writes its figure into
             // the shared mapping, then _exits.
             match unsafe { libc::fork() } {
                 0 => {
                     let ns = measure(&st, 100 + p as u32, &keys, true);
-                    out[p].store(ns.to_bits(), std::sync::atomic::Ordering::SeqCst);
+                    slot.store(ns.to_bits(), std::sync::atomic::Ordering::SeqCst);
                     // SAFETY: ends the forked child without the harness.
                     unsafe { libc::_exit(0) }
                 }
