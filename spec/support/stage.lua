@@ -24,10 +24,11 @@ local handles = {}
 local err_out = ffi.new("int32_t[1]")
 local info_out = ffi.new("double[?]", #INFO)
 
-function _M.lib()
+-- The library; `dict_name` (default "counters") names any shared dict of
+-- this nginx, for the new() that loads it and declares the shim's cdef.
+function _M.lib(dict_name)
   if not lib then
-    -- new() loads the library and declares the shim's cdef.
-    assert(counter.new("counters"))
+    assert(counter.new(dict_name or "counters"))
     local path = assert(package.searchpath("libresty_counter", package.cpath))
     lib = ffi.load(path)
   end
@@ -46,7 +47,7 @@ function _M.attach(dict_name, name)
   if handles[key] then
     return handles[key]
   end
-  local l = _M.lib()
+  local l = _M.lib(dict_name)
   local sub = ngx.config.subsystem or "http"
   local h = l.resty_counter_stage_attach(sub, #sub, ngx.shared[dict_name][1],
                                          name, #name, err_out)
