@@ -603,7 +603,7 @@ impl<'a> Stage<'a> {
         std::hint::black_box(a ^ b);
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     fn publish_in_pass(
         &self,
         w: Worker,
