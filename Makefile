@@ -20,8 +20,12 @@ deps:
 test: deps build test-rust test-lua test-nginx test-integration test-examples \
       test-rock test-stream test-install-deps
 
+# The loom model checks of the shared stage build into their own target
+# directory, so they do not invalidate the normal build.
 test-rust:
 	$(CARGO) test --locked
+	RUSTFLAGS="--cfg loom" $(CARGO) test --locked --release --lib \
+	    --target-dir target/loom stage::loom
 
 # Pure-Lua specs (stub dicts, no nginx) under LuaJIT and plain Lua 5.1/5.2,
 # as Kong's and nginx-lua-prometheus's unit tests run them.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 const SHIM: &str = include_str!("../lua/resty/counter.lua");
 const EXPORTS: &str = include_str!("../src/ffi.rs");
+const STAGE_EXPORTS: &str = include_str!("../src/ffi_stage.rs");
 
 /// name -> (return type, parameter types), types normalised to C spelling.
 type Protos = BTreeMap<String, (String, Vec<String>)>;
@@ -69,6 +70,7 @@ fn rust_to_c(ty: &str) -> String {
         "*const u8" => "const unsigned char*",
         "*mut c_void" => "void*",
         "*mut Handle" => "resty_counter_flusher*",
+        "*mut StageHandle" => "resty_counter_stage*",
         "*mut i32" => "int32_t*",
         "*mut f64" => "double*",
         other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
@@ -76,10 +78,18 @@ fn rust_to_c(ty: &str) -> String {
     c.to_string()
 }
 
-/// Prototypes of every `extern "C" fn` in src/ffi.rs outside its tests.
+/// Prototypes of every `extern "C" fn` in src/ffi.rs and src/ffi_stage.rs
+/// outside their tests.
 fn rust_protos() -> Protos {
-    let src = &EXPORTS[..EXPORTS.find("#[cfg(test)]").unwrap_or(EXPORTS.len())];
     let mut out = Protos::new();
+    for file in [EXPORTS, STAGE_EXPORTS] {
+        file_protos(file, &mut out);
+    }
+    out
+}
+
+fn file_protos(file: &str, out: &mut Protos) {
+    let src = &file[..file.find("#[cfg(test)]").unwrap_or(file.len())];
     for (at, _) in src.match_indices("extern \"C\" fn ") {
         let rest = &src[at + 14..];
         let open = rest.find('(').unwrap();
@@ -95,7 +105,6 @@ fn rust_protos() -> Protos {
         let ret = rust_to_c(after.trim().trim_start_matches("->"));
         out.insert(name, (ret, params));
     }
-    out
 }
 
 #[test]
@@ -109,7 +118,7 @@ fn cdef_and_exports_agree() {
     assert_eq!(
         lua.keys().collect::<Vec<_>>(),
         rust.keys().collect::<Vec<_>>(),
-        "function names differ between the cdef and src/ffi.rs"
+        "function names differ between the cdef and src/ffi.rs + src/ffi_stage.rs"
     );
     for (name, proto) in &lua {
         assert_eq!(Some(proto), rust.get(name), "prototype of {name} differs");

@@ -93,6 +93,18 @@ int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok);
 int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
     size_t n);
+typedef struct resty_counter_stage resty_counter_stage;
+const char *resty_counter_stage_strerror(int32_t code);
+resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
+    size_t subsystem_len, void *zone_udata, const unsigned char *name,
+    size_t name_len, int32_t *err);
+void resty_counter_stage_free(resty_counter_stage *h);
+int32_t resty_counter_stage_publish(resty_counter_stage *h,
+    const unsigned char *key, size_t key_len, double delta);
+int32_t resty_counter_stage_fold(resty_counter_stage *h, uint32_t max_slots,
+    uint32_t lease_ms);
+int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
+    size_t n);
 ]]
 _M._CDEF = CDEF  -- read by the ABI drift check
 

@@ -1,0 +1,149 @@
+-- The shared stage in a real nginx with 2+ workers (run by
+-- spec/run-in-nginx): every worker attaches to the same block of the
+-- dict's zone, publishes into it, and one fold puts the exact sums into
+-- the dict.
+
+local stage = require "spec.support.stage"
+local http = require "spec.support.http"
+
+local RESERVED_KEY = "\0resty.counter.stage"
+
+-- GET /__stage until `enough(seen)` holds or the deadline passes; `seen`
+-- maps a worker pid to the list of its answers.
+local function poll(path_for, enough, seconds)
+    local seen = {}
+    local deadline = ngx.now() + (seconds or 20)
+    local i = 0
+    repeat
+        i = i + 1
+        local status, body = http.get(path_for(i))
+        assert.equal(200, status, body)
+        local pid, offset, anchor, rc = body:match("^(%d+) (%d+) (%d+) (%-?%d+)")
+        assert.truthy(pid, body)
+        seen[pid] = seen[pid] or {}
+        table.insert(seen[pid], {
+            offset = tonumber(offset), anchor = tonumber(anchor),
+            rc = tonumber(rc), i = i,
+        })
+        if enough(seen) then
+            return seen
+        end
+        ngx.sleep(0.001)
+        ngx.update_time()
+    until ngx.now() > deadline
+    return seen
+end
+
+local function workers_seen(seen)
+    local n = 0
+    for _ in pairs(seen) do
+        n = n + 1
+    end
+    return n
+end
+
+-- Folds from this worker until the lease is ours (another worker's lease
+-- expires within its 200 ms).
+local function fold_all(h)
+    local deadline = ngx.now() + 5
+    repeat
+        local rc = stage.fold(h, 200)
+        if rc >= 0 then
+            return rc
+        end
+        assert.equal(-7, rc, stage.strerror(rc))
+        ngx.sleep(0.05)
+        ngx.update_time()
+    until ngx.now() > deadline
+    error("fold lease never became free")
+end
+
+describe("the shared stage in nginx", function()
+    local dict = ngx.shared.stage
+    local workers = tonumber(os.getenv("SPEC_NGINX_WORKERS")) or 2
+
+    it("runs with 2 or more workers", function()
+        assert.is_true(workers >= 2, "run with --workers 2 or more")
+    end)
+
+    it("every worker attaches to the same block of the dict's zone", function()
+        local h = assert(stage.attach("stage"))
+        local mine = stage.info(h)
+        assert.is_true(mine.offset > 0)
+        -- A quarter of the 4 MiB zone, 192 bytes per slot.
+        assert.is_true(mine.slots > 5000, "slots " .. mine.slots)
+        assert.equal(160, mine.key_bytes)
+        assert.equal(mine.offset, dict:get(RESERVED_KEY))
+        local seen = poll(function() return "/__stage" end,
+                          function(s) return workers_seen(s) >= workers end)
+        assert.equal(workers, workers_seen(seen))
+        for _, answers in pairs(seen) do
+            for _, a in ipairs(answers) do
+                assert.equal(mine.offset, a.offset)
+                assert.equal(mine.anchor, a.anchor)
+            end
+        end
+    end)
+
+    it("deltas published from every worker reach the dict exactly once",
+       function()
+        local h = assert(stage.attach("stage"))
+        fold_all(h)  -- start from an empty stage
+        local key = "stage-spec-" .. ngx.worker.pid() .. "-" .. ngx.now()
+        local before = stage.info(h)
+        local sent, n = 0, 0
+        local seen = poll(function(i)
+            local delta = i % 7 + 0.5
+            sent = sent + delta
+            n = n + 1
+            return "/__stage?key=" .. key .. "&delta=" .. delta
+        end, function(s)
+            if workers_seen(s) < workers then
+                return false
+            end
+            for _, answers in pairs(s) do
+                if #answers < 5 then
+                    return false
+                end
+            end
+            return true
+        end)
+        assert.equal(workers, workers_seen(seen))
+        for _, answers in pairs(seen) do
+            for _, a in ipairs(answers) do
+                assert.equal(0, a.rc, "staged")
+            end
+        end
+        assert.is_nil(dict:get(key), "nothing in the dict before the fold")
+        local written = fold_all(h)
+        assert.is_true(written >= 1)
+        assert.equal(sent, dict:get(key))
+        local after = stage.info(h)
+        assert.equal(n, after.published - before.published)
+        assert.equal(0, after.dict_failures)
+        -- A second fold finds nothing new for the key.
+        fold_all(h)
+        assert.equal(sent, dict:get(key))
+    end)
+
+    it("a reserved key evicted or deleted is added again by the folder",
+       function()
+        local h = assert(stage.attach("stage"))
+        local offset = stage.info(h).offset
+        dict:delete(RESERVED_KEY)
+        assert.is_nil(dict:get(RESERVED_KEY))
+        fold_all(h)
+        assert.equal(offset, dict:get(RESERVED_KEY))
+    end)
+
+    it("falls back when the dict is too small or the zone is not the dict's",
+       function()
+        local h, code, msg = stage.attach("stage_tiny")
+        assert.is_nil(h)
+        assert.equal("the dict is too small for a stage", msg, code)
+        h, code, msg = stage.attach("stage", "stage2")
+        assert.is_nil(h)
+        assert.equal("the zone's name is not the dict's (unknown nginx ABI)",
+                     msg, code)
+    end)
+end)

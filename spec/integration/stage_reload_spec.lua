@@ -1,0 +1,88 @@
+-- The shared stage survives `nginx -s reload`: it lives in the dict's own
+-- zone, whose memory nginx reuses. Deltas published by the old workers and
+-- never folded by them are folded by a new worker after the reload, into
+-- the exact sums.
+
+local nginx = require "spec.support.nginx"
+local H = require "spec.integration.helpers"
+
+local N = 200
+
+local HTTP = [[
+  lua_shared_dict stage 4m;
+]]
+
+-- /stage: attach; ?key=K&delta=D publishes; ?fold=1 folds (waiting out
+-- another worker's lease). Answers "pid offset rc".
+local SERVER = [[
+  location = /stage {
+    content_by_lua_block {
+      local stage = require "spec.support.stage"
+      local h = assert(stage.attach("stage"))
+      local rc = -100
+      local key, delta = ngx.var.arg_key, tonumber(ngx.var.arg_delta)
+      if key and delta then
+        rc = stage.publish(h, key, delta)
+      elseif ngx.var.arg_fold then
+        for _ = 1, 100 do
+          rc = stage.fold(h, 100)
+          if rc >= 0 then
+            break
+          end
+          ngx.sleep(0.05)
+        end
+      end
+      local info = stage.info(h)
+      ngx.say(("%d %d %d"):format(info.pid, info.offset, rc))
+    }
+  }
+  location = /get {
+    content_by_lua_block {
+      ngx.say(ngx.shared.stage:get(ngx.var.arg_key) or "nil")
+    }
+  }
+]]
+
+describe("the shared stage across nginx -s reload", function()
+  local srv
+
+  after_each(function()
+    if srv then
+      srv:stop()
+      srv = nil
+    end
+  end)
+
+  it("keeps its block and what the old workers published", function()
+    srv = nginx.start{ workers = 2, http = HTTP, server = SERVER }
+    local offsets, old_pids, sent = {}, {}, 0
+    for i = 1, N do
+      local delta = i % 5 + 1
+      local status, body = srv:get("/stage?key=k&delta=" .. delta)
+      assert.equal(200, status, body)
+      local pid, offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
+      assert.equal("0", rc, body)
+      offsets[offset], old_pids[pid] = true, true
+      sent = sent + delta
+    end
+    local _, first = next(offsets)
+    assert.is_true(first)
+    local offset = next(offsets)
+    assert.is_nil(next(offsets, offset), "one stage for every worker")
+
+    srv:reload()
+    local status, body = srv:get("/get?key=k")
+    assert.equal(200, status)
+    assert.equal("nil", body:match("^(%S+)"), "nothing folded before")
+    status, body = srv:get("/stage?fold=1")
+    assert.equal(200, status, body)
+    local pid, new_offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
+    assert.is_nil(old_pids[pid], "answered by a new worker")
+    assert.equal(offset, new_offset, "the same block after the reload")
+    assert.is_true(tonumber(rc) >= 1, body)
+    status, body = srv:get("/get?key=k")
+    assert.equal(200, status)
+    assert.equal(sent, tonumber(body))
+    assert.same({}, H.crash_lines(srv:error_log()))
+  end)
+end)

@@ -1,0 +1,80 @@
+-- The shared stage's exports (src/ffi_stage.rs) from Lua, for specs: one
+-- attachment per dict and worker, cached in this module.
+--
+--   local stage = require "spec.support.stage"
+--   local h, err = stage.attach("stage")     -- handle, or nil, code, message
+--   stage.publish(h, key, delta)             -- 0 staged, 1 full, 2 too long
+--   stage.fold(h, lease_ms)                  -- written count or negative code
+--   stage.info(h)                            -- table of named fields
+-- luacheck: globals ngx
+local ngx = ngx
+local ffi = require "ffi"
+local counter = require "resty.counter"
+
+local _M = {}
+
+local INFO = {
+  "offset", "anchor", "slots", "key_bytes", "created", "lease_owner",
+  "published", "folded", "full", "too_long", "reclaimed", "lost_events",
+  "lost_amount", "fill", "fold_rounds", "takeovers", "dict_failures", "pid",
+}
+
+local lib
+local handles = {}
+local err_out = ffi.new("int32_t[1]")
+local info_out = ffi.new("double[?]", #INFO)
+
+-- The library; `dict_name` (default "counters") names any shared dict of
+-- this nginx, for the new() that loads it and declares the shim's cdef.
+function _M.lib(dict_name)
+  if not lib then
+    assert(counter.new(dict_name or "counters"))
+    local path = assert(package.searchpath("libresty_counter", package.cpath))
+    lib = ffi.load(path)
+  end
+  return lib
+end
+
+function _M.strerror(code)
+  return ffi.string(_M.lib().resty_counter_stage_strerror(code))
+end
+
+-- Attaches under `name` the dict `dict_name` (they differ only to test the
+-- zone-name check); cached per name.
+function _M.attach(dict_name, name)
+  name = name or dict_name
+  local key = dict_name .. "\0" .. name
+  if handles[key] then
+    return handles[key]
+  end
+  local l = _M.lib(dict_name)
+  local sub = ngx.config.subsystem or "http"
+  local h = l.resty_counter_stage_attach(sub, #sub, ngx.shared[dict_name][1],
+                                         name, #name, err_out)
+  if h == nil then
+    return nil, err_out[0], _M.strerror(err_out[0])
+  end
+  h = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
+  handles[key] = h
+  return h
+end
+
+function _M.publish(h, key, delta)
+  return _M.lib().resty_counter_stage_publish(h, key, #key, delta)
+end
+
+function _M.fold(h, lease_ms)
+  return _M.lib().resty_counter_stage_fold(h, 0, lease_ms or 200)
+end
+
+function _M.info(h)
+  local n = _M.lib().resty_counter_stage_info(h, info_out, #INFO)
+  assert(n == #INFO, "stage_info wrote " .. tostring(n))
+  local t = {}
+  for i, name in ipairs(INFO) do
+    t[name] = tonumber(info_out[i - 1])
+  end
+  return t
+end
+
+return _M

@@ -1,0 +1,378 @@
+//! Exported functions of the shared stage (`stage.rs`, `zone.rs`): attach,
+//! publish, fold, info. Short adapters from raw pointers, each inside the
+//! same panic guard as `ffi.rs`. Declared at the end of the shim's cdef;
+//! `tests/abi.rs` checks both files against it.
+//!
+//! Codes: [`resty_counter_stage_publish`] returns 0 staged, 1 full (write
+//! it directly), 2 too long (write it directly); negative codes are errors,
+//! named by [`resty_counter_stage_strerror`].
+
+use std::ffi::{CStr, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+
+use crate::flush::Dict;
+use crate::shdict::ShDict;
+use crate::stage::{Lease, Published};
+use crate::zone::{AttachError, ZoneStage, alive, now_ms};
+
+/// A required pointer argument was NULL (as in ffi.rs).
+pub const RC_NULL: i32 = -1;
+/// A Rust panic was caught (as in ffi.rs).
+pub const RC_PANIC: i32 = -6;
+/// Another worker holds the fold lease.
+pub const RC_BUSY: i32 = -7;
+/// Attach errors: `RC_ATTACH - i` for the i-th kind of `AttachError`
+/// (NoSymbol, NoSlab, BadZone, NameMismatch, Implausible, ZoneTooSmall,
+/// NoMemory, BadOffset, RegistryFull, Dict).
+pub const RC_ATTACH: i32 = -20;
+
+const ATTACH_ERRORS: [AttachError; 10] = [
+    AttachError::NoSymbol,
+    AttachError::NoSlab,
+    AttachError::BadZone,
+    AttachError::NameMismatch,
+    AttachError::Implausible,
+    AttachError::ZoneTooSmall,
+    AttachError::NoMemory,
+    AttachError::BadOffset,
+    AttachError::RegistryFull,
+    AttachError::Dict,
+];
+/// A stage header that does not match (any layout error).
+pub const RC_BAD_STAGE: i32 = RC_ATTACH - ATTACH_ERRORS.len() as i32;
+
+/// Number of fields `resty_counter_stage_info` can write.
+pub const INFO_FIELDS: usize = 18;
+
+/// One worker's attachment to one dict's stage, opaque to C.
+pub struct StageHandle {
+    zs: ZoneStage,
+    dict: ShDict,
+    cursor: usize,
+    dict_failures: u64,
+}
+
+/// Runs `f`, turning a panic into `on_panic` (the guard of ffi.rs).
+fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
+}
+
+fn attach_code(e: AttachError) -> i32 {
+    match ATTACH_ERRORS.iter().position(|x| *x == e) {
+        Some(i) => RC_ATTACH - i as i32,
+        None => RC_BAD_STAGE,
+    }
+}
+
+/// A borrowed byte slice from a C (pointer, length).
+///
+/// # Safety
+/// `p` must be NULL or point at `len` readable bytes that outlive the use.
+unsafe fn bytes<'a>(p: *const u8, len: usize) -> Option<&'a [u8]> {
+    if p.is_null() {
+        return (len == 0).then_some(&[][..]);
+    }
+    // SAFETY: p is non-NULL and the caller guarantees len readable bytes.
+    Some(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// A static, NUL-terminated message for a stage code.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {
+    let msg: &'static CStr = match code {
+        0 => c"staged",
+        1 => c"stage full: write directly",
+        2 => c"key too long for the stage: write directly",
+        RC_NULL => c"NULL argument",
+        RC_PANIC => c"internal error (caught panic)",
+        RC_BUSY => c"another worker holds the fold lease",
+        RC_BAD_STAGE => c"the stage header does not match",
+        c if c <= RC_ATTACH && c > RC_BAD_STAGE => {
+            ATTACH_ERRORS[(RC_ATTACH - c) as usize].message()
+        }
+        _ => c"unknown code",
+    };
+    msg.as_ptr()
+}
+
+/// Finds or makes the stage of a dict and registers this worker.
+///
+/// # Safety
+/// `subsystem` and `name` must point at their lengths of readable bytes;
+/// `zone_udata` must be `dict[1]` of the live dict named `name`; `err` may
+/// be NULL, else writable.
+///
+/// # Errors
+/// Returns NULL and sets `*err` to `RC_NULL`, `RC_PANIC` or an attach code.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_attach(
+    subsystem: *const u8,
+    subsystem_len: usize,
+    zone_udata: *mut c_void,
+    name: *const u8,
+    name_len: usize,
+    err: *mut i32,
+) -> *mut StageHandle {
+    let mut code = RC_PANIC;
+    let h = guard(ptr::null_mut(), || {
+        // SAFETY: the caller guarantees the lengths.
+        let (Some(sub), Some(name)) = (unsafe { bytes(subsystem, subsystem_len) }, unsafe {
+            bytes(name, name_len)
+        }) else {
+            code = RC_NULL;
+            return ptr::null_mut();
+        };
+        // SAFETY: the caller guarantees zone_udata is this dict's dict[1].
+        let zs = match unsafe { ZoneStage::attach(sub, zone_udata, name) } {
+            Ok(zs) => zs,
+            Err(e) => {
+                code = attach_code(e);
+                return ptr::null_mut();
+            }
+        };
+        // SAFETY: as above; attach succeeded, so the entry points exist.
+        let dict = match unsafe { ShDict::open(sub, zone_udata) } {
+            Ok(d) => d,
+            Err(_) => {
+                zs.leave();
+                code = attach_code(AttachError::NoSymbol);
+                return ptr::null_mut();
+            }
+        };
+        code = 0;
+        Box::into_raw(Box::new(StageHandle {
+            zs,
+            dict,
+            cursor: 0,
+            dict_failures: 0,
+        }))
+    });
+    if !err.is_null() {
+        // SAFETY: err is non-NULL and writable by contract.
+        unsafe { *err = code };
+    }
+    h
+}
+
+/// Leaves the stage (unregisters, gives up the lease) and frees the
+/// handle; NULL is a no-op.
+///
+/// # Safety
+/// `h` must be NULL or a handle from `resty_counter_stage_attach` not
+/// freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_free(h: *mut StageHandle) {
+    guard((), || {
+        if !h.is_null() {
+            // SAFETY: h came from Box::into_raw and is freed only here.
+            let h = unsafe { Box::from_raw(h) };
+            h.zs.leave();
+        }
+    })
+}
+
+/// Adds one delta into the stage.
+///
+/// # Safety
+/// `h` must be NULL or live; `key` must point at `key_len` readable bytes.
+///
+/// # Errors
+/// `RC_NULL`, `RC_PANIC`; else 0 staged, 1 full, 2 too long.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_publish(
+    h: *mut StageHandle,
+    key: *const u8,
+    key_len: usize,
+    delta: f64,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live, not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        // SAFETY: the caller guarantees key_len readable bytes.
+        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+            return RC_NULL;
+        };
+        match h.zs.stage.publish(h.zs.worker, key, delta) {
+            Published::Staged => 0,
+            Published::Full => 1,
+            Published::TooLong => 2,
+        }
+    })
+}
+
+/// Takes or renews the fold lease for `lease_ms`, then folds up to
+/// `max_slots` slots (0: a whole round) into the dict. Returns how many
+/// deltas it wrote. A dict write that fails is counted (info field 16) and
+/// the delta dropped: this is the proof-of-attach fold; the sync's fold
+/// hands deltas to the Flusher instead.
+///
+/// # Safety
+/// `h` must be NULL or live.
+///
+/// # Errors
+/// `RC_NULL`, `RC_PANIC`, `RC_BUSY` (another worker holds the lease).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_fold(
+    h: *mut StageHandle,
+    max_slots: u32,
+    lease_ms: u32,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live, not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        let st = h.zs.stage;
+        let me = h.zs.worker;
+        if let Lease::Busy { .. } = st.lease(me.pid(), now_ms(), u64::from(lease_ms)) {
+            return RC_BUSY;
+        }
+        st.reap_dead(&alive);
+        let _ = h.zs.ensure_key();
+        let whole = max_slots == 0;
+        let mut written = 0i32;
+        let (dict, failures) = (&mut h.dict, &mut h.dict_failures);
+        loop {
+            let limit = if whole {
+                usize::MAX
+            } else {
+                max_slots as usize
+            };
+            let f = st.fold(me, &mut h.cursor, limit, &alive, |key, delta| {
+                match dict.incr(key, delta) {
+                    Ok(_) => written = written.saturating_add(1),
+                    Err(_) => *failures += 1,
+                }
+            });
+            if f.done || !whole {
+                break;
+            }
+        }
+        written
+    })
+}
+
+/// Writes up to `n` fields into `out`: offset, pool address, slots, key
+/// bytes, created (1/0), lease owner pid, published, folded, full,
+/// too_long, reclaimed, lost_events, lost_amount, fill, fold_rounds,
+/// takeovers, dict_failures, this worker's pid. Returns how many.
+///
+/// # Safety
+/// `h` must be NULL or live; `out` must have room for `n` doubles.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_info(
+    h: *mut StageHandle,
+    out: *mut f64,
+    n: usize,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live; only read.
+        let Some(h) = (unsafe { h.as_ref() }) else {
+            return RC_NULL;
+        };
+        if out.is_null() {
+            return RC_NULL;
+        }
+        let st = h.zs.stage;
+        let p = st.params();
+        let s = st.stats();
+        let fields: [f64; INFO_FIELDS] = [
+            h.zs.offset as f64,
+            p.anchor as f64,
+            p.slots as f64,
+            st.max_key_len() as f64,
+            f64::from(u8::from(h.zs.created)),
+            f64::from(st.lease_owner()),
+            s.published as f64,
+            s.folded as f64,
+            s.full as f64,
+            s.too_long as f64,
+            s.reclaimed as f64,
+            s.lost_events as f64,
+            s.lost_amount,
+            s.fill as f64,
+            s.fold_rounds as f64,
+            s.takeovers as f64,
+            h.dict_failures as f64,
+            f64::from(h.zs.worker.pid()),
+        ];
+        let n = n.min(fields.len());
+        // SAFETY: out is non-NULL with room for n doubles.
+        let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
+        out.copy_from_slice(&fields[..n]);
+        n as i32
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_export_answers_null() {
+        // SAFETY: NULL handles are part of every export's contract.
+        unsafe {
+            assert_eq!(
+                resty_counter_stage_publish(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
+                RC_NULL
+            );
+            assert_eq!(resty_counter_stage_fold(ptr::null_mut(), 0, 100), RC_NULL);
+            let mut out = [0.0; INFO_FIELDS];
+            assert_eq!(
+                resty_counter_stage_info(ptr::null_mut(), out.as_mut_ptr(), out.len()),
+                RC_NULL
+            );
+            resty_counter_stage_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn attach_outside_nginx_reports_why() {
+        let mut err = 0;
+        let mut udata = 0u8;
+        // SAFETY: valid slices, a readable udata, a writable err.
+        let h = unsafe {
+            resty_counter_stage_attach(
+                b"http".as_ptr(),
+                4,
+                (&mut udata as *mut u8).cast(),
+                b"d".as_ptr(),
+                1,
+                &mut err,
+            )
+        };
+        assert!(h.is_null());
+        assert!(err <= RC_ATTACH && err > RC_BAD_STAGE, "{err}");
+        // SAFETY: a NULL name with a length is refused.
+        let h = unsafe {
+            resty_counter_stage_attach(
+                b"http".as_ptr(),
+                4,
+                ptr::null_mut(),
+                ptr::null(),
+                3,
+                &mut err,
+            )
+        };
+        assert!(h.is_null());
+        assert_eq!(err, RC_NULL);
+    }
+
+    #[test]
+    fn every_code_has_a_message() {
+        for code in RC_BAD_STAGE - 1..=3 {
+            // SAFETY: strerror returns a static NUL-terminated string.
+            let msg = unsafe { CStr::from_ptr(resty_counter_stage_strerror(code)) };
+            assert!(!msg.to_bytes().is_empty());
+        }
+        for (i, e) in ATTACH_ERRORS.iter().enumerate() {
+            assert_eq!(attach_code(*e), RC_ATTACH - i as i32);
+        }
+    }
+}
