@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -31,6 +31,9 @@ pub const RC_DROPPED_NOT_A_NUMBER: i32 = 3;
 pub const RC_DROPPED_CAP: i32 = 4;
 /// The dict failed in another way; the delta is dropped.
 pub const RC_DROPPED_OTHER: i32 = 5;
+/// Merged with the delta pending for its key the sum is not finite; this
+/// delta is dropped, the pending one kept.
+pub const RC_DROPPED_OVERFLOW: i32 = 6;
 /// A required pointer argument was NULL.
 pub const RC_NULL: i32 = -1;
 /// Key empty or longer than 65535 bytes; nothing changed.
@@ -45,7 +48,7 @@ pub const RC_BAD_ZONE: i32 = -5;
 pub const RC_PANIC: i32 = -6;
 
 /// Number of fields `resty_counter_flusher_stats` can write.
-pub const STATS_FIELDS: usize = 11;
+pub const STATS_FIELDS: usize = 12;
 
 /// One worker's flush state for one dict, opaque to C.
 pub struct Handle {
@@ -65,6 +68,7 @@ fn outcome_code(o: Outcome) -> i32 {
         Outcome::Dropped(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
         Outcome::Dropped(_) => RC_DROPPED_OTHER,
         Outcome::DroppedCap => RC_DROPPED_CAP,
+        Outcome::DroppedOverflow => RC_DROPPED_OVERFLOW,
     }
 }
 
@@ -84,6 +88,7 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_DROPPED_NOT_A_NUMBER => c"not a number",
         RC_DROPPED_CAP => c"no memory, retention cap full: dropped",
         RC_DROPPED_OTHER => c"shared dict error",
+        RC_DROPPED_OVERFLOW => c"sum with the pending delta is not finite: dropped",
         RC_NULL => c"NULL argument",
         RC_BAD_KEY => c"key must be 1 to 65535 bytes",
         RC_BAD_DELTA => c"delta must be a finite number",
@@ -290,8 +295,8 @@ pub unsafe extern "C" fn resty_counter_flusher_end(h: *mut Handle, ok: i32) -> f
 
 /// Writes up to `n` statistics into `out`, in this order: pending_keys,
 /// pending_bytes, keys_flushed, retries, dropped_deltas, dropped_permanent,
-/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds.
-/// Returns how many it wrote.
+/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds,
+/// dropped_overflow. Returns how many it wrote.
 ///
 /// # Safety
 /// `h` must be NULL or a live handle; `out` must have room for `n` doubles.
@@ -325,6 +330,7 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
             s.syncs as f64,
             s.failed_syncs as f64,
             s.last_sync_ns as f64 * 1e-9,
+            s.dropped_overflow as f64,
         ];
         let n = n.min(fields.len());
         // SAFETY: out is non-NULL with room for n >= this many doubles.
@@ -457,10 +463,14 @@ mod tests {
 
     #[test]
     fn every_code_has_a_message() {
-        for code in -7..=6 {
-            // SAFETY: strerror returns a static NUL-terminated string.
+        // SAFETY: strerror returns a static NUL-terminated string.
+        let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
+        let mut seen = std::collections::HashSet::new();
+        for code in RC_PANIC..=RC_DROPPED_OVERFLOW {
+            // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
-            assert!(!msg.to_bytes().is_empty());
+            assert_ne!(msg, unknown, "code {code} falls to the catch-all");
+            assert!(seen.insert(msg.to_bytes()), "code {code} shares a message");
         }
         // SAFETY: as above.
         let msg = unsafe { CStr::from_ptr(resty_counter_strerror(RC_RETAINED)) };

@@ -66,6 +66,11 @@ pub struct Written {
 pub trait Dict {
     /// Adds `delta` to the number at `key`, creating it at 0 if missing.
     fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError>;
+
+    /// The clock a budgeted retry reads; a stand-in dict may supply its own.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// What became of one handed-over delta.
@@ -81,6 +86,9 @@ pub enum Outcome {
     Dropped(DictError),
     /// The dict refused it for now, but the pending cap is full: dropped.
     DroppedCap,
+    /// Merged with the delta still pending for its key, the sum would not be
+    /// finite: this delta is dropped, the pending one stays.
+    DroppedOverflow,
 }
 
 impl Outcome {
@@ -124,6 +132,7 @@ pub struct Stats {
     pub retries: u64,
     pub dropped_deltas: u64,
     pub dropped_permanent: u64,
+    pub dropped_overflow: u64,
     pub evictions: u64,
     pub failed_writes: u64,
     pub syncs: u64,
@@ -151,9 +160,6 @@ pub struct Flusher<D> {
     sync_ok: bool,
     dropped_this_sync: u64,
 }
-
-/// How often a budgeted loop looks at the clock.
-const CLOCK_EVERY: usize = 32;
 
 impl<D: Dict> Flusher<D> {
     pub fn new(dict: D, limits: Limits) -> Self {
@@ -216,9 +222,13 @@ impl<D: Dict> Flusher<D> {
                 let total = old.delta + delta;
                 if !total.is_finite() {
                     // Both parts were finite; their sum overflowed. Keep the
-                    // older part pending and refuse the new one.
+                    // older part pending, drop the new one and report it:
+                    // merging would leave a delta no retry could ever write.
                     self.insert_pending(key.into(), old);
-                    return Err(Rejected::BadDelta);
+                    self.stats.dropped_overflow += 1;
+                    self.stats.failed_writes += 1;
+                    self.sync_ok = false;
+                    return Ok(Outcome::DroppedOverflow);
                 }
                 Ok(self.write_new(key, total))
             }
@@ -226,16 +236,21 @@ impl<D: Dict> Flusher<D> {
     }
 
     /// Retries pending deltas not yet tried in this sync. `budget` bounds the
-    /// time spent (None: all of them). Returns how many are still untried
-    /// in this sync, so a sliced caller knows whether to come back.
+    /// time spent (None: all of them); the clock is read after every write,
+    /// so a slow dict overruns the budget by one write at most. At least one
+    /// key is tried per call, so a sliced caller always progresses. Returns
+    /// how many are still untried in this sync, so the caller knows whether
+    /// to come back. No key is copied except those that leave the pending
+    /// set.
     pub fn retry(&mut self, budget: Option<Duration>) -> usize {
-        let start = Instant::now();
+        let start = self.dict.now();
         let sync_id = self.sync_id;
         let mut out_of_time = false;
-        let mut seen = 0usize;
         let mut untried = 0usize;
-        let mut to_retry = Vec::new();
-        for (key, p) in &self.pending {
+        let mut done: Vec<Box<[u8]>> = Vec::new();
+        let dict = &mut self.dict;
+        let stats = &mut self.stats;
+        for (key, p) in self.pending.iter_mut() {
             if p.tried_in == sync_id {
                 continue;
             }
@@ -243,22 +258,35 @@ impl<D: Dict> Flusher<D> {
                 untried += 1;
                 continue;
             }
-            seen += 1;
+            p.tried_in = sync_id;
+            stats.retries += 1;
+            match dict.incr(key, p.delta) {
+                Ok(w) => {
+                    stats.keys_flushed += 1;
+                    if w.evicted {
+                        stats.evictions += 1;
+                    }
+                    done.push(key.clone());
+                }
+                Err(e) => {
+                    stats.failed_writes += 1;
+                    self.sync_ok = false;
+                    if !e.is_transient() {
+                        stats.dropped_permanent += 1;
+                        done.push(key.clone());
+                    }
+                }
+            }
             if let Some(b) = budget
-                && seen % CLOCK_EVERY == 0
-                && start.elapsed() >= b
+                && dict.now().saturating_duration_since(start) >= b
             {
                 out_of_time = true;
             }
-            to_retry.push(key.clone());
         }
-        for key in to_retry {
-            let Some(p) = self.pending.remove(&key) else {
-                continue;
-            };
-            self.pending_bytes -= entry_cost(&key);
-            self.stats.retries += 1;
-            self.write_owned(key, p.delta);
+        for key in done {
+            if self.pending.remove(&key).is_some() {
+                self.pending_bytes -= entry_cost(&key);
+            }
         }
         self.refresh_gauges();
         untried
@@ -285,13 +313,6 @@ impl<D: Dict> Flusher<D> {
         match self.dict.incr(key, delta) {
             Ok(w) => self.stored(w),
             Err(e) => self.refused(e, || key.into(), delta),
-        }
-    }
-
-    fn write_owned(&mut self, key: Box<[u8]>, delta: f64) -> Outcome {
-        match self.dict.incr(&key, delta) {
-            Ok(w) => self.stored(w),
-            Err(e) => self.refused(e, || key, delta),
         }
     }
 
@@ -370,6 +391,9 @@ pub(crate) mod tests {
         pub capacity: Option<usize>,
         pub evict_on: Option<Vec<u8>>,
         pub calls: usize,
+        /// With `epoch` set, a stand-in clock: each write costs `write_cost`.
+        pub epoch: Option<Instant>,
+        pub write_cost: Duration,
     }
 
     impl Dict for FakeDict {
@@ -385,6 +409,13 @@ pub(crate) mod tests {
             Ok(Written {
                 evicted: self.evict_on.as_deref() == Some(key),
             })
+        }
+
+        fn now(&self) -> Instant {
+            match self.epoch {
+                Some(t) => t + self.write_cost * u32::try_from(self.calls).unwrap_or(u32::MAX),
+                None => Instant::now(),
+            }
         }
     }
 
@@ -526,26 +557,63 @@ pub(crate) mod tests {
 
     #[test]
     fn retry_tries_each_key_once_per_sync_and_respects_budget() {
+        // A slow dict on a stand-in clock: 20 µs a write, 2,000 pending keys,
+        // a 500 µs budget: each call may write about 25 keys, not all.
         let dict = FakeDict {
             capacity: Some(0),
+            epoch: Some(Instant::now()),
+            write_cost: Duration::from_micros(20),
             ..FakeDict::default()
         };
         let mut f = flusher(dict);
         f.begin();
-        for i in 0..100u8 {
-            f.add(&[i], 1.0).unwrap();
+        for i in 0..2000u16 {
+            f.add(&i.to_le_bytes(), 1.0).unwrap();
         }
         f.end(true);
         f.begin();
-        let calls = f.dict().calls;
-        // A zero budget still makes progress: one clock check's worth.
-        let left = f.retry(Some(Duration::ZERO));
-        assert!(left < 100, "no progress: {left}");
-        while f.retry(Some(Duration::ZERO)) > 0 {}
+        let budget = Some(Duration::from_micros(500));
+        let mut calls_made = 0;
+        let start = f.dict().calls;
+        loop {
+            let before = f.dict().calls;
+            let left = f.retry(budget);
+            let writes = f.dict().calls - before;
+            assert!((1..=26).contains(&writes), "{writes} writes in one slice");
+            calls_made += 1;
+            if left == 0 {
+                break;
+            }
+        }
+        assert!(calls_made >= 2000 / 26, "{calls_made} slices");
         assert_eq!(f.retry(None), 0);
-        assert_eq!(f.dict().calls - calls, 100, "each key tried exactly once");
+        assert_eq!(f.dict().calls - start, 2000, "each key tried exactly once");
         f.end(true);
-        assert_eq!(f.stats().pending_keys, 100);
+        assert_eq!(f.stats().pending_keys, 2000);
+        // A zero budget still makes progress: one write per call.
+        f.begin();
+        let before = f.dict().calls;
+        assert_eq!(f.retry(Some(Duration::ZERO)), 1999);
+        assert_eq!(f.dict().calls - before, 1);
+    }
+
+    #[test]
+    fn permanent_failure_during_retry_is_reported() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.begin();
+        f.add(b"s", 1.0).unwrap();
+        f.end(true);
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings.push(b"s".to_vec());
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        f.end(true);
+        let s = f.stats();
+        assert_eq!((s.dropped_permanent, s.pending_keys), (1, 0));
+        assert_eq!(s.failed_syncs, 2, "the sync that dropped it failed");
     }
 
     #[test]
@@ -554,9 +622,15 @@ pub(crate) mod tests {
             capacity: Some(0),
             ..FakeDict::default()
         });
+        f.begin();
         f.add(b"k", f64::MAX).unwrap();
-        assert_eq!(f.add(b"k", f64::MAX), Err(Rejected::BadDelta));
+        f.end(true);
+        f.begin();
+        assert_eq!(f.add(b"k", f64::MAX), Ok(Outcome::DroppedOverflow));
         assert_eq!(f.pending_delta(b"k"), Some(f64::MAX));
+        f.end(true);
+        let s = f.stats();
+        assert_eq!((s.dropped_overflow, s.failed_syncs), (1, 2));
     }
 
     /// Random incr/flush sequences against a plain model: whatever the dict

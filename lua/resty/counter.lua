@@ -25,7 +25,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 1
+local ABI_VERSION = 2
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -91,7 +91,7 @@ _M._CDEF = CDEF  -- read by the ABI drift check
 local STATS_FIELDS = {
     "pending_keys", "pending_bytes", "keys_flushed", "retries",
     "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-    "syncs", "failed_syncs", "last_sync_seconds",
+    "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
