@@ -275,21 +275,32 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64
 }
 
 /// Ends a sync; `ok` is 0 when the shim saw a key fail. Returns how many
-/// deltas the pending cap dropped during this sync.
+/// deltas the pending cap dropped during this sync, and writes into
+/// `*dropped_in_retry` (when not NULL) how many pending deltas a retry found
+/// permanently refused and dropped.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle.
+/// `h` must be NULL or a live handle; `dropped_in_retry` NULL or writable.
 ///
 /// # Errors
 /// `RC_NULL` or `RC_PANIC` (negative).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_end(h: *mut Handle, ok: i32) -> f64 {
+pub unsafe extern "C" fn resty_counter_flusher_end(
+    h: *mut Handle,
+    ok: i32,
+    dropped_in_retry: *mut f64,
+) -> f64 {
     guard(f64::from(RC_PANIC), || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
             return f64::from(RC_NULL);
         };
-        h.flusher.end(ok != 0) as f64
+        let end = h.flusher.end(ok != 0);
+        // SAFETY: dropped_in_retry is NULL or writable, by the contract.
+        if let Some(out) = unsafe { dropped_in_retry.as_mut() } {
+            *out = end.dropped_in_retry as f64;
+        }
+        end.dropped_cap as f64
     })
 }
 
@@ -379,7 +390,7 @@ mod tests {
             assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
             assert_eq!(resty_counter_flusher_retry(ptr::null_mut(), 0.0), RC_NULL);
             assert_eq!(
-                resty_counter_flusher_end(ptr::null_mut(), 1),
+                resty_counter_flusher_end(ptr::null_mut(), 1, ptr::null_mut()),
                 f64::from(RC_NULL)
             );
             let mut out = [0.0; STATS_FIELDS];
@@ -448,7 +459,9 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
             assert_eq!(resty_counter_flusher_retry(hp, 0.0), 0);
-            assert_eq!(resty_counter_flusher_end(hp, 1), 0.0);
+            let mut in_retry = f64::NAN;
+            assert_eq!(resty_counter_flusher_end(hp, 1, &mut in_retry), 0.0);
+            assert_eq!(in_retry, 0.0);
             let mut out = [f64::NAN; STATS_FIELDS + 2];
             assert_eq!(
                 resty_counter_flusher_stats(hp, out.as_mut_ptr(), out.len()),

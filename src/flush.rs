@@ -159,6 +159,16 @@ pub struct Flusher<D> {
     sync_started: Option<Instant>,
     sync_ok: bool,
     dropped_this_sync: u64,
+    dropped_in_retry: u64,
+}
+
+/// What [`Flusher::end`] reports about the sync it ends, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncEnd {
+    /// Deltas the pending cap dropped.
+    pub dropped_cap: u64,
+    /// Pending deltas a retry found permanently refused, and dropped.
+    pub dropped_in_retry: u64,
 }
 
 impl<D: Dict> Flusher<D> {
@@ -173,6 +183,7 @@ impl<D: Dict> Flusher<D> {
             sync_started: None,
             sync_ok: true,
             dropped_this_sync: 0,
+            dropped_in_retry: 0,
         }
     }
 
@@ -183,12 +194,12 @@ impl<D: Dict> Flusher<D> {
         self.sync_started = Some(Instant::now());
         self.sync_ok = true;
         self.dropped_this_sync = 0;
+        self.dropped_in_retry = 0;
     }
 
     /// Ends a sync begun with [`begin`](Self::begin); `ok` is false when the
-    /// caller saw any key fail. Returns how many deltas the cap dropped
-    /// during this sync, for one log line.
-    pub fn end(&mut self, ok: bool) -> u64 {
+    /// caller saw any key fail. Returns what this sync dropped, for the log.
+    pub fn end(&mut self, ok: bool) -> SyncEnd {
         let ok = ok && self.sync_ok;
         self.stats.syncs += 1;
         if !ok {
@@ -197,8 +208,12 @@ impl<D: Dict> Flusher<D> {
         if let Some(start) = self.sync_started.take() {
             self.stats.last_sync_ns = duration_ns(start.elapsed());
         }
-        let dropped = self.dropped_this_sync;
+        let dropped = SyncEnd {
+            dropped_cap: self.dropped_this_sync,
+            dropped_in_retry: self.dropped_in_retry,
+        };
         self.dropped_this_sync = 0;
+        self.dropped_in_retry = 0;
         self.sync_ok = true;
         dropped
     }
@@ -273,6 +288,7 @@ impl<D: Dict> Flusher<D> {
                     self.sync_ok = false;
                     if !e.is_transient() {
                         stats.dropped_permanent += 1;
+                        self.dropped_in_retry += 1;
                         done.push(key.clone());
                     }
                 }
@@ -430,7 +446,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
         assert_eq!(f.add(b"a", 2.5), Ok(Outcome::Stored));
         assert_eq!(f.add(b"b", -1.0), Ok(Outcome::Stored));
-        assert_eq!(f.end(true), 0);
+        assert_eq!(f.end(true).dropped_cap, 0);
         assert_eq!(f.dict().nums[&b"a".to_vec()], 3.5);
         assert_eq!(f.dict().nums[&b"b".to_vec()], -1.0);
         let s = f.stats();
@@ -473,7 +489,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"b", 2.0), Ok(Outcome::Retained(DictError::NoMemory)));
         // A later delta for a pending key merges into it.
         assert_eq!(f.add(b"b", 3.0), Ok(Outcome::Retained(DictError::NoMemory)));
-        assert_eq!(f.end(true), 0);
+        assert_eq!(f.end(true).dropped_cap, 0);
         assert_eq!(f.pending_delta(b"b"), Some(5.0));
         assert_eq!(f.stats().failed_syncs, 1);
 
@@ -522,7 +538,7 @@ pub(crate) mod tests {
         for i in 0..10u8 {
             f.add(&[b'k', i], 1.0).unwrap();
         }
-        assert_eq!(f.end(true), 7);
+        assert_eq!(f.end(true).dropped_cap, 7);
         let s = f.stats();
         assert_eq!((s.pending_keys, s.dropped_deltas), (3, 7));
 
@@ -610,7 +626,7 @@ pub(crate) mod tests {
         f.dict_mut().strings.push(b"s".to_vec());
         f.begin();
         assert_eq!(f.retry(None), 0);
-        f.end(true);
+        assert_eq!(f.end(true).dropped_in_retry, 1);
         let s = f.stats();
         assert_eq!((s.dropped_permanent, s.pending_keys), (1, 0));
         assert_eq!(s.failed_syncs, 2, "the sync that dropped it failed");

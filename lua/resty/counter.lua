@@ -82,7 +82,8 @@ int32_t resty_counter_flusher_add(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
-double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok);
+double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok,
+                                 double *dropped_in_retry);
 int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
     size_t n);
 ]]
@@ -95,7 +96,7 @@ local STATS_FIELDS = {
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out
+local int32_out, stats_out, end_out
 
 -- Loads one candidate: the library, or nil and why not (nil: no file).
 local function try_library(path)
@@ -134,6 +135,7 @@ local function load_library()
                 lib = found
                 int32_out = ffi.new("int32_t[1]")
                 stats_out = ffi.new("double[?]", #STATS_FIELDS)
+                end_out = ffi.new("double[1]")
                 return lib
             end
             if why == "abi" then
@@ -294,7 +296,15 @@ end
 
 local function end_sync(self, ok, tally)
     local dropped = tonumber(lib.resty_counter_flusher_end(self.handle,
-                                                            ok and 1 or 0))
+                                                            ok and 1 or 0,
+                                                            end_out))
+    local dropped_in_retry = tonumber(end_out[0])
+    if dropped_in_retry > 0 then
+        ok = false
+        ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
+                "\" refused ", dropped_in_retry, " pending increments for ",
+                "good when retried: dropped")
+    end
     if tally.failed > WARN_LINES_PER_SYNC then
         ngx.log(ngx.WARN, "resty.counter: ",
                 tally.failed - WARN_LINES_PER_SYNC, " more keys failed in ",

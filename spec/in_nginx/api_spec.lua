@@ -215,6 +215,39 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
+    it("a pending delta the dict refuses for good at retry fails the sync, "
+       .. "logged, counted and in the error metric", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local fillers = 0
+        while small:safe_set("f" .. fillers + 1, 1) do
+            fillers = fillers + 1
+        end
+        local sc = counter.new("full", nil, "sync_errors")
+        local key = string.rep("p", 300)
+        sc:incr(key, 1)
+        assert.is_false(sc:sync())
+        assert.equal(1, sc:stats().pending_keys)
+        for i = 1, fillers do
+            small:delete("f" .. i)
+        end
+        -- The key turns into a string before the retry.
+        assert.is_true(small:set(key, "a string"))
+        local errors = small:get("sync_errors") or 0
+        local dropped = sc:stats().dropped_permanent
+        local log_at = error_log_size()
+        assert.is_false(sc:sync())
+        local s = sc:stats()
+        assert.equal(0, s.pending_keys)
+        assert.equal(dropped + 1, s.dropped_permanent)
+        assert.equal(errors + 1, small:get("sync_errors"))
+        assert.equal(1, count(error_log_since(log_at), "refused 1 pending "
+                                  .. "increments for good when retried"))
+        small:flush_all()
+        small:flush_expired()
+    end)
+
     it("error_metric_name: evictions fail the sync and count once",
        function()
         local small = ngx.shared.full
