@@ -248,6 +248,37 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
+    it("a delta whose sum with its pending delta overflows is dropped and "
+       .. "reported; the pending one stays", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local fillers = 0
+        while small:safe_set("f" .. fillers + 1, 1) do
+            fillers = fillers + 1
+        end
+        local sc = counter.new("full")
+        local key = string.rep("o", 300)
+        sc:incr(key, 1e308)
+        assert.is_false(sc:sync())
+        assert.equal(1, sc:stats().pending_keys)
+        local before = sc:stats().dropped_overflow
+        sc:incr(key, 1e308)
+        local log_at = error_log_size()
+        assert.is_false(sc:sync())
+        assert.equal(before + 1, sc:stats().dropped_overflow)
+        assert.equal(1, count(error_log_since(log_at), "sum with the pending "
+                                  .. "delta is not finite"))
+        for i = 1, fillers do
+            small:delete("f" .. i)
+        end
+        assert.is_true(sc:sync())
+        assert.equal(1e308, small:get(key))
+        assert.equal(0, sc:stats().pending_keys)
+        small:flush_all()
+        small:flush_expired()
+    end)
+
     it("error_metric_name: evictions fail the sync and count once",
        function()
         local small = ngx.shared.full
