@@ -201,9 +201,11 @@ local function report(self, key, rc, tally)
     if rc == RC_EVICTED then
         tally.evicted = tally.evicted + 1
         if self.error_metric then
-            ngx.log(ngx.ERR,
-                    "increasing counter in shdict: lru eviction: key=",
-                    printable(key))
+            if tally.evicted <= WARN_LINES_PER_SYNC then
+                ngx.log(ngx.ERR,
+                        "increasing counter in shdict: lru eviction: key=",
+                        printable(key))
+            end
             return false
         end
         return true
@@ -315,6 +317,12 @@ local function end_sync(self, ok, tally)
         ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
                 "\" is full and the pending cap is reached: dropped ",
                 dropped, " increments in this sync")
+    end
+    if self.error_metric and tally.evicted > WARN_LINES_PER_SYNC then
+        ngx.log(ngx.ERR, "resty.counter: ",
+                tally.evicted - WARN_LINES_PER_SYNC, " more keys evicted ",
+                "other entries in this sync of shared dict \"", self.name,
+                "\"")
     end
     if tally.evicted > 0 and not self.error_metric then
         ngx.log(ngx.WARN, "resty.counter: flushing into shared dict \"",

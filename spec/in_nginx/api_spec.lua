@@ -305,6 +305,33 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
+    it("error_metric_name: eviction lines are capped per sync, then one "
+       .. "summary line; the metric counts the sync once", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local sc = counter.new("full", nil, "sync_errors")
+        for i = 1, 10000 do
+            if not small:safe_set("filler-" .. i, i) then
+                break
+            end
+        end
+        local log_at = error_log_size()
+        for i = 1, 300 do
+            sc:incr("evictor-" .. i)
+        end
+        assert.is_false(sc:sync())
+        local evicted = sc:stats().evictions
+        assert.is_true(evicted > 100, "too few evictions to test: " .. evicted)
+        local log = error_log_since(log_at)
+        assert.equal(100, count(log, "lru eviction: key=evictor-"))
+        assert.equal(1, count(log, " more keys evicted other entries in "
+                                   .. "this sync"))
+        assert.equal(1, sc:get("sync_errors"))
+        small:flush_all()
+        small:flush_expired()
+    end)
+
     it("the automatic sync delivers without a manual sync", function()
         local c2 = counter.new("counters2", 0.05)
         ngx.shared.counters2:delete("auto")
