@@ -34,6 +34,9 @@ pub const RC_DROPPED_OTHER: i32 = 5;
 /// Merged with the delta pending for its key the sum is not finite; this
 /// delta is dropped, the pending one kept.
 pub const RC_DROPPED_OVERFLOW: i32 = 6;
+/// The sum at the key was not finite: the key now holds the largest finite
+/// number of its sign, and this delta is dropped.
+pub const RC_DROPPED_NOT_FINITE: i32 = 7;
 /// A required pointer argument was NULL.
 pub const RC_NULL: i32 = -1;
 /// Key empty or longer than 65535 bytes; nothing changed.
@@ -66,6 +69,7 @@ fn outcome_code(o: Outcome) -> i32 {
         Outcome::StoredEvicted => RC_STORED_EVICTED,
         Outcome::Retained(_) => RC_RETAINED,
         Outcome::Dropped(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
+        Outcome::Dropped(DictError::NotFinite) => RC_DROPPED_NOT_FINITE,
         Outcome::Dropped(_) => RC_DROPPED_OTHER,
         Outcome::DroppedCap => RC_DROPPED_CAP,
         Outcome::DroppedOverflow => RC_DROPPED_OVERFLOW,
@@ -89,6 +93,7 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_DROPPED_CAP => c"no memory, retention cap full: dropped",
         RC_DROPPED_OTHER => c"shared dict error",
         RC_DROPPED_OVERFLOW => c"sum with the pending delta is not finite: dropped",
+        RC_DROPPED_NOT_FINITE => c"sum in the dict is not finite: key saturated, delta dropped",
         RC_NULL => c"NULL argument",
         RC_BAD_KEY => c"key must be 1 to 65535 bytes",
         RC_BAD_DELTA => c"delta must be a finite number",
@@ -479,7 +484,7 @@ mod tests {
         // SAFETY: strerror returns a static NUL-terminated string.
         let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
         let mut seen = std::collections::HashSet::new();
-        for code in RC_PANIC..=RC_DROPPED_OVERFLOW {
+        for code in RC_PANIC..=RC_DROPPED_NOT_FINITE {
             // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
             assert_ne!(msg, unknown, "code {code} falls to the catch-all");

@@ -35,6 +35,9 @@ pub enum DictError {
     NoMemory,
     /// The key holds a value that is not a number: permanent.
     NotANumber,
+    /// The sum at the key would not be finite; the key was saturated at the
+    /// largest finite number of its sign and the delta is dropped.
+    NotFinite,
     /// Any other message from the dict: treated as permanent.
     Other,
 }
@@ -286,7 +289,11 @@ impl<D: Dict> Flusher<D> {
                 Err(e) => {
                     stats.failed_writes += 1;
                     self.sync_ok = false;
-                    if !e.is_transient() {
+                    if e == DictError::NotFinite {
+                        stats.dropped_overflow += 1;
+                        self.dropped_in_retry += 1;
+                        done.push(key.clone());
+                    } else if !e.is_transient() {
                         stats.dropped_permanent += 1;
                         self.dropped_in_retry += 1;
                         done.push(key.clone());
@@ -345,7 +352,10 @@ impl<D: Dict> Flusher<D> {
     fn refused(&mut self, e: DictError, key: impl FnOnce() -> Box<[u8]>, delta: f64) -> Outcome {
         self.stats.failed_writes += 1;
         self.sync_ok = false;
-        let outcome = if !e.is_transient() {
+        let outcome = if e == DictError::NotFinite {
+            self.stats.dropped_overflow += 1;
+            Outcome::Dropped(e)
+        } else if !e.is_transient() {
             self.stats.dropped_permanent += 1;
             Outcome::Dropped(e)
         } else {

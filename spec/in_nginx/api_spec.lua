@@ -279,6 +279,27 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
+    it("a sum that would leave the finite range saturates the key and is "
+       .. "reported; the dict never holds inf", function()
+        c:incr("big", 1e308)
+        assert.is_true(c:sync())
+        local dropped = c:stats().dropped_overflow
+        local log_at = error_log_size()
+        c:incr("big", 1e308)
+        c:incr("fine", 1)
+        assert.is_false(c:sync())
+        assert.equal(1.7976931348623157e308, dict:get("big"))
+        assert.equal(1, dict:get("fine"))
+        assert.equal(dropped + 1, c:stats().dropped_overflow)
+        assert.equal(1, count(error_log_since(log_at), "key: big, err: sum "
+                                  .. "in the dict is not finite"))
+        c:incr("neg", -1e308)
+        assert.is_true(c:sync())
+        c:incr("neg", -1e308)
+        assert.is_false(c:sync())
+        assert.equal(-1.7976931348623157e308, dict:get("neg"))
+    end)
+
     it("error_metric_name: evictions fail the sync and count once",
        function()
         local small = ngx.shared.full
