@@ -51,7 +51,7 @@ pub const RC_BAD_ZONE: i32 = -5;
 pub const RC_PANIC: i32 = -6;
 
 /// Number of fields `resty_counter_flusher_stats` can write.
-pub const STATS_FIELDS: usize = 12;
+pub const STATS_FIELDS: usize = 13;
 
 /// One worker's flush state for one dict, opaque to C.
 pub struct Handle {
@@ -312,7 +312,8 @@ pub unsafe extern "C" fn resty_counter_flusher_end(
 /// Writes up to `n` statistics into `out`, in this order: pending_keys,
 /// pending_bytes, keys_flushed, retries, dropped_deltas, dropped_permanent,
 /// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds,
-/// dropped_overflow. Returns how many it wrote.
+/// dropped_overflow, pending_sum (the sum of the pending deltas, computed
+/// only when `n` asks for it). Returns how many it wrote.
 ///
 /// # Safety
 /// `h` must be NULL or a live handle; `out` must have room for `n` doubles.
@@ -334,7 +335,7 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
             return RC_NULL;
         }
         let s = h.flusher.stats();
-        let fields = [
+        let mut fields = [
             s.pending_keys as f64,
             s.pending_bytes as f64,
             s.keys_flushed as f64,
@@ -347,7 +348,11 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
             s.failed_syncs as f64,
             s.last_sync_ns as f64 * 1e-9,
             s.dropped_overflow as f64,
+            0.0,
         ];
+        if n >= fields.len() {
+            fields[fields.len() - 1] = h.flusher.pending_sum();
+        }
         let n = n.min(fields.len());
         // SAFETY: out is non-NULL with room for n >= this many doubles.
         let out = unsafe { std::slice::from_raw_parts_mut(out, n) };

@@ -319,6 +319,12 @@ impl<D: Dict> Flusher<D> {
         self.stats
     }
 
+    /// The sum of every pending delta, for the line a worker logs when it
+    /// exits with deltas it could not write.
+    pub fn pending_sum(&self) -> f64 {
+        self.pending.values().map(|p| p.delta).sum()
+    }
+
     /// Pending delta for a key (tests and diagnostics).
     pub fn pending_delta(&self, key: &[u8]) -> Option<f64> {
         self.pending.get(key).map(|p| p.delta)
@@ -501,6 +507,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"b", 3.0), Ok(Outcome::Retained(DictError::NoMemory)));
         assert_eq!(f.end(true).dropped_cap, 0);
         assert_eq!(f.pending_delta(b"b"), Some(5.0));
+        assert_eq!(f.pending_sum(), 5.0);
         assert_eq!(f.stats().failed_syncs, 1);
 
         f.dict_mut().capacity = None;

@@ -93,6 +93,7 @@ local STATS_FIELDS = {
     "pending_keys", "pending_bytes", "keys_flushed", "retries",
     "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
     "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
+    "pending_sum",
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
@@ -332,6 +333,16 @@ local function end_sync(self, ok, tally)
     if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
        and stats_out[0] > 0 then
         ok = false  -- keys still pending: not every delta arrived
+        if ngx.worker.exiting() then
+            -- The last sync of this worker: what is pending now is lost.
+            lib.resty_counter_flusher_stats(self.handle, stats_out,
+                                            #STATS_FIELDS)
+            ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
+                    tonumber(stats_out[0]), " keys with pending increments ",
+                    "summing ", tonumber(stats_out[#STATS_FIELDS - 1]),
+                    " could not be written to shared dict \"", self.name,
+                    "\": lost")
+        end
     end
     if not ok and self.error_metric then
         incr_init(self.dict, self.error_metric, 1, 0)
