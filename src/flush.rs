@@ -163,6 +163,9 @@ pub struct Flusher<D> {
     sync_ok: bool,
     dropped_this_sync: u64,
     dropped_in_retry: u64,
+    /// Syncs begun and not ended: a manual sync that starts while a sliced
+    /// one is between slices joins it instead of starting over.
+    active: u32,
 }
 
 /// What [`Flusher::end`] reports about the sync it ends, for the log.
@@ -187,12 +190,20 @@ impl<D: Dict> Flusher<D> {
             sync_ok: true,
             dropped_this_sync: 0,
             dropped_in_retry: 0,
+            active: 0,
         }
     }
 
     /// Marks the start of a sync: times it, and lets [`retry`](Self::retry)
-    /// try every pending key once more.
+    /// try every pending key once more. A sync begun while another is still
+    /// running (a manual sync between two slices of the automatic one) joins
+    /// it: nothing of the running sync is reset, and each pending key is
+    /// still tried once.
     pub fn begin(&mut self) {
+        self.active = self.active.saturating_add(1);
+        if self.active > 1 {
+            return;
+        }
         self.sync_id = self.sync_id.wrapping_add(1);
         self.sync_started = Some(Instant::now());
         self.sync_ok = true;
@@ -201,15 +212,21 @@ impl<D: Dict> Flusher<D> {
     }
 
     /// Ends a sync begun with [`begin`](Self::begin); `ok` is false when the
-    /// caller saw any key fail. Returns what this sync dropped, for the log.
+    /// caller saw any key fail. Returns what was dropped since the last
+    /// `end`, for the log, so each drop is reported once. A sync that
+    /// joined a running one fails if the running one failed so far.
     pub fn end(&mut self, ok: bool) -> SyncEnd {
         let ok = ok && self.sync_ok;
         self.stats.syncs += 1;
         if !ok {
             self.stats.failed_syncs += 1;
         }
-        if let Some(start) = self.sync_started.take() {
-            self.stats.last_sync_ns = duration_ns(start.elapsed());
+        self.active = self.active.saturating_sub(1);
+        if self.active == 0 {
+            if let Some(start) = self.sync_started.take() {
+                self.stats.last_sync_ns = duration_ns(start.elapsed());
+            }
+            self.sync_ok = true;
         }
         let dropped = SyncEnd {
             dropped_cap: self.dropped_this_sync,
@@ -217,7 +234,6 @@ impl<D: Dict> Flusher<D> {
         };
         self.dropped_this_sync = 0;
         self.dropped_in_retry = 0;
-        self.sync_ok = true;
         dropped
     }
 
@@ -628,6 +644,40 @@ pub(crate) mod tests {
         let before = f.dict().calls;
         assert_eq!(f.retry(Some(Duration::ZERO)), 1999);
         assert_eq!(f.dict().calls - before, 1);
+    }
+
+    #[test]
+    fn a_sync_begun_during_another_joins_it() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.begin();
+        for i in 0..50u8 {
+            f.add(&[i], 1.0).unwrap();
+        }
+        f.end(true);
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings.push(vec![0u8]);
+        // The sliced sync retries part of the keys, then a manual sync runs.
+        f.begin();
+        let calls = f.dict().calls;
+        let left = f.retry(Some(Duration::ZERO));
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        let manual = f.end(true);
+        assert_eq!(f.retry(None), 0);
+        let sliced = f.end(true);
+        assert_eq!(f.dict().calls - calls, 50, "each key tried once: {left}");
+        // The drop is reported once, and neither sync claims success.
+        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 1);
+        let s = f.stats();
+        assert_eq!((s.syncs, s.failed_syncs), (3, 3));
+        // The next sync starts clean.
+        f.begin();
+        f.add(b"x", 1.0).unwrap();
+        f.end(true);
+        assert_eq!(f.stats().failed_syncs, 3);
     }
 
     #[test]
