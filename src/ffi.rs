@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -31,6 +31,12 @@ pub const RC_DROPPED_NOT_A_NUMBER: i32 = 3;
 pub const RC_DROPPED_CAP: i32 = 4;
 /// The dict failed in another way; the delta is dropped.
 pub const RC_DROPPED_OTHER: i32 = 5;
+/// Merged with the delta pending for its key the sum is not finite; this
+/// delta is dropped, the pending one kept.
+pub const RC_DROPPED_OVERFLOW: i32 = 6;
+/// The sum at the key was not finite: the key now holds the largest finite
+/// number of its sign, and this delta is dropped.
+pub const RC_DROPPED_NOT_FINITE: i32 = 7;
 /// A required pointer argument was NULL.
 pub const RC_NULL: i32 = -1;
 /// Key empty or longer than 65535 bytes; nothing changed.
@@ -45,7 +51,7 @@ pub const RC_BAD_ZONE: i32 = -5;
 pub const RC_PANIC: i32 = -6;
 
 /// Number of fields `resty_counter_flusher_stats` can write.
-pub const STATS_FIELDS: usize = 11;
+pub const STATS_FIELDS: usize = 13;
 
 /// One worker's flush state for one dict, opaque to C.
 pub struct Handle {
@@ -63,8 +69,10 @@ fn outcome_code(o: Outcome) -> i32 {
         Outcome::StoredEvicted => RC_STORED_EVICTED,
         Outcome::Retained(_) => RC_RETAINED,
         Outcome::Dropped(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
+        Outcome::Dropped(DictError::NotFinite) => RC_DROPPED_NOT_FINITE,
         Outcome::Dropped(_) => RC_DROPPED_OTHER,
         Outcome::DroppedCap => RC_DROPPED_CAP,
+        Outcome::DroppedOverflow => RC_DROPPED_OVERFLOW,
     }
 }
 
@@ -84,6 +92,8 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_DROPPED_NOT_A_NUMBER => c"not a number",
         RC_DROPPED_CAP => c"no memory, retention cap full: dropped",
         RC_DROPPED_OTHER => c"shared dict error",
+        RC_DROPPED_OVERFLOW => c"sum with the pending delta is not finite: dropped",
+        RC_DROPPED_NOT_FINITE => c"sum in the dict is not finite: key saturated, delta dropped",
         RC_NULL => c"NULL argument",
         RC_BAD_KEY => c"key must be 1 to 65535 bytes",
         RC_BAD_DELTA => c"delta must be a finite number",
@@ -270,28 +280,40 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64
 }
 
 /// Ends a sync; `ok` is 0 when the shim saw a key fail. Returns how many
-/// deltas the pending cap dropped during this sync.
+/// deltas the pending cap dropped during this sync, and writes into
+/// `*dropped_in_retry` (when not NULL) how many pending deltas a retry found
+/// permanently refused and dropped.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle.
+/// `h` must be NULL or a live handle; `dropped_in_retry` NULL or writable.
 ///
 /// # Errors
 /// `RC_NULL` or `RC_PANIC` (negative).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_end(h: *mut Handle, ok: i32) -> f64 {
+pub unsafe extern "C" fn resty_counter_flusher_end(
+    h: *mut Handle,
+    ok: i32,
+    dropped_in_retry: *mut f64,
+) -> f64 {
     guard(f64::from(RC_PANIC), || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
             return f64::from(RC_NULL);
         };
-        h.flusher.end(ok != 0) as f64
+        let end = h.flusher.end(ok != 0);
+        // SAFETY: dropped_in_retry is NULL or writable, by the contract.
+        if let Some(out) = unsafe { dropped_in_retry.as_mut() } {
+            *out = end.dropped_in_retry as f64;
+        }
+        end.dropped_cap as f64
     })
 }
 
 /// Writes up to `n` statistics into `out`, in this order: pending_keys,
 /// pending_bytes, keys_flushed, retries, dropped_deltas, dropped_permanent,
-/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds.
-/// Returns how many it wrote.
+/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds,
+/// dropped_overflow, pending_sum (the sum of the pending deltas, computed
+/// only when `n` asks for it). Returns how many it wrote.
 ///
 /// # Safety
 /// `h` must be NULL or a live handle; `out` must have room for `n` doubles.
@@ -313,7 +335,7 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
             return RC_NULL;
         }
         let s = h.flusher.stats();
-        let fields = [
+        let mut fields = [
             s.pending_keys as f64,
             s.pending_bytes as f64,
             s.keys_flushed as f64,
@@ -325,7 +347,12 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
             s.syncs as f64,
             s.failed_syncs as f64,
             s.last_sync_ns as f64 * 1e-9,
+            s.dropped_overflow as f64,
+            0.0,
         ];
+        if n >= fields.len() {
+            fields[fields.len() - 1] = h.flusher.pending_sum();
+        }
         let n = n.min(fields.len());
         // SAFETY: out is non-NULL with room for n >= this many doubles.
         let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
@@ -373,7 +400,7 @@ mod tests {
             assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
             assert_eq!(resty_counter_flusher_retry(ptr::null_mut(), 0.0), RC_NULL);
             assert_eq!(
-                resty_counter_flusher_end(ptr::null_mut(), 1),
+                resty_counter_flusher_end(ptr::null_mut(), 1, ptr::null_mut()),
                 f64::from(RC_NULL)
             );
             let mut out = [0.0; STATS_FIELDS];
@@ -442,7 +469,9 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
             assert_eq!(resty_counter_flusher_retry(hp, 0.0), 0);
-            assert_eq!(resty_counter_flusher_end(hp, 1), 0.0);
+            let mut in_retry = f64::NAN;
+            assert_eq!(resty_counter_flusher_end(hp, 1, &mut in_retry), 0.0);
+            assert_eq!(in_retry, 0.0);
             let mut out = [f64::NAN; STATS_FIELDS + 2];
             assert_eq!(
                 resty_counter_flusher_stats(hp, out.as_mut_ptr(), out.len()),
@@ -457,10 +486,14 @@ mod tests {
 
     #[test]
     fn every_code_has_a_message() {
-        for code in -7..=6 {
-            // SAFETY: strerror returns a static NUL-terminated string.
+        // SAFETY: strerror returns a static NUL-terminated string.
+        let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
+        let mut seen = std::collections::HashSet::new();
+        for code in RC_PANIC..=RC_DROPPED_NOT_FINITE {
+            // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
-            assert!(!msg.to_bytes().is_empty());
+            assert_ne!(msg, unknown, "code {code} falls to the catch-all");
+            assert!(seen.insert(msg.to_bytes()), "code {code} shares a message");
         }
         // SAFETY: as above.
         let msg = unsafe { CStr::from_ptr(resty_counter_strerror(RC_RETAINED)) };

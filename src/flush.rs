@@ -35,6 +35,9 @@ pub enum DictError {
     NoMemory,
     /// The key holds a value that is not a number: permanent.
     NotANumber,
+    /// The sum at the key would not be finite; the key was saturated at the
+    /// largest finite number of its sign and the delta is dropped.
+    NotFinite,
     /// Any other message from the dict: treated as permanent.
     Other,
 }
@@ -66,6 +69,11 @@ pub struct Written {
 pub trait Dict {
     /// Adds `delta` to the number at `key`, creating it at 0 if missing.
     fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError>;
+
+    /// The clock a budgeted retry reads; a stand-in dict may supply its own.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// What became of one handed-over delta.
@@ -81,6 +89,9 @@ pub enum Outcome {
     Dropped(DictError),
     /// The dict refused it for now, but the pending cap is full: dropped.
     DroppedCap,
+    /// Merged with the delta still pending for its key, the sum would not be
+    /// finite: this delta is dropped, the pending one stays.
+    DroppedOverflow,
 }
 
 impl Outcome {
@@ -124,6 +135,7 @@ pub struct Stats {
     pub retries: u64,
     pub dropped_deltas: u64,
     pub dropped_permanent: u64,
+    pub dropped_overflow: u64,
     pub evictions: u64,
     pub failed_writes: u64,
     pub syncs: u64,
@@ -150,10 +162,20 @@ pub struct Flusher<D> {
     sync_started: Option<Instant>,
     sync_ok: bool,
     dropped_this_sync: u64,
+    dropped_in_retry: u64,
+    /// Syncs begun and not ended: a manual sync that starts while a sliced
+    /// one is between slices joins it instead of starting over.
+    active: u32,
 }
 
-/// How often a budgeted loop looks at the clock.
-const CLOCK_EVERY: usize = 32;
+/// What [`Flusher::end`] reports about the sync it ends, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncEnd {
+    /// Deltas the pending cap dropped.
+    pub dropped_cap: u64,
+    /// Pending deltas a retry found permanently refused, and dropped.
+    pub dropped_in_retry: u64,
+}
 
 impl<D: Dict> Flusher<D> {
     pub fn new(dict: D, limits: Limits) -> Self {
@@ -167,33 +189,51 @@ impl<D: Dict> Flusher<D> {
             sync_started: None,
             sync_ok: true,
             dropped_this_sync: 0,
+            dropped_in_retry: 0,
+            active: 0,
         }
     }
 
     /// Marks the start of a sync: times it, and lets [`retry`](Self::retry)
-    /// try every pending key once more.
+    /// try every pending key once more. A sync begun while another is still
+    /// running (a manual sync between two slices of the automatic one) joins
+    /// it: nothing of the running sync is reset, and each pending key is
+    /// still tried once.
     pub fn begin(&mut self) {
+        self.active = self.active.saturating_add(1);
+        if self.active > 1 {
+            return;
+        }
         self.sync_id = self.sync_id.wrapping_add(1);
         self.sync_started = Some(Instant::now());
         self.sync_ok = true;
         self.dropped_this_sync = 0;
+        self.dropped_in_retry = 0;
     }
 
     /// Ends a sync begun with [`begin`](Self::begin); `ok` is false when the
-    /// caller saw any key fail. Returns how many deltas the cap dropped
-    /// during this sync, for one log line.
-    pub fn end(&mut self, ok: bool) -> u64 {
+    /// caller saw any key fail. Returns what was dropped since the last
+    /// `end`, for the log, so each drop is reported once. A sync that
+    /// joined a running one fails if the running one failed so far.
+    pub fn end(&mut self, ok: bool) -> SyncEnd {
         let ok = ok && self.sync_ok;
         self.stats.syncs += 1;
         if !ok {
             self.stats.failed_syncs += 1;
         }
-        if let Some(start) = self.sync_started.take() {
-            self.stats.last_sync_ns = duration_ns(start.elapsed());
+        self.active = self.active.saturating_sub(1);
+        if self.active == 0 {
+            if let Some(start) = self.sync_started.take() {
+                self.stats.last_sync_ns = duration_ns(start.elapsed());
+            }
+            self.sync_ok = true;
         }
-        let dropped = self.dropped_this_sync;
+        let dropped = SyncEnd {
+            dropped_cap: self.dropped_this_sync,
+            dropped_in_retry: self.dropped_in_retry,
+        };
         self.dropped_this_sync = 0;
-        self.sync_ok = true;
+        self.dropped_in_retry = 0;
         dropped
     }
 
@@ -216,9 +256,13 @@ impl<D: Dict> Flusher<D> {
                 let total = old.delta + delta;
                 if !total.is_finite() {
                     // Both parts were finite; their sum overflowed. Keep the
-                    // older part pending and refuse the new one.
+                    // older part pending, drop the new one and report it:
+                    // merging would leave a delta no retry could ever write.
                     self.insert_pending(key.into(), old);
-                    return Err(Rejected::BadDelta);
+                    self.stats.dropped_overflow += 1;
+                    self.stats.failed_writes += 1;
+                    self.sync_ok = false;
+                    return Ok(Outcome::DroppedOverflow);
                 }
                 Ok(self.write_new(key, total))
             }
@@ -226,16 +270,21 @@ impl<D: Dict> Flusher<D> {
     }
 
     /// Retries pending deltas not yet tried in this sync. `budget` bounds the
-    /// time spent (None: all of them). Returns how many are still untried
-    /// in this sync, so a sliced caller knows whether to come back.
+    /// time spent (None: all of them); the clock is read after every write,
+    /// so a slow dict overruns the budget by one write at most. At least one
+    /// key is tried per call, so a sliced caller always progresses. Returns
+    /// how many are still untried in this sync, so the caller knows whether
+    /// to come back. No key is copied except those that leave the pending
+    /// set.
     pub fn retry(&mut self, budget: Option<Duration>) -> usize {
-        let start = Instant::now();
+        let start = self.dict.now();
         let sync_id = self.sync_id;
         let mut out_of_time = false;
-        let mut seen = 0usize;
         let mut untried = 0usize;
-        let mut to_retry = Vec::new();
-        for (key, p) in &self.pending {
+        let mut done: Vec<Box<[u8]>> = Vec::new();
+        let dict = &mut self.dict;
+        let stats = &mut self.stats;
+        for (key, p) in self.pending.iter_mut() {
             if p.tried_in == sync_id {
                 continue;
             }
@@ -243,22 +292,40 @@ impl<D: Dict> Flusher<D> {
                 untried += 1;
                 continue;
             }
-            seen += 1;
+            p.tried_in = sync_id;
+            stats.retries += 1;
+            match dict.incr(key, p.delta) {
+                Ok(w) => {
+                    stats.keys_flushed += 1;
+                    if w.evicted {
+                        stats.evictions += 1;
+                    }
+                    done.push(key.clone());
+                }
+                Err(e) => {
+                    stats.failed_writes += 1;
+                    self.sync_ok = false;
+                    if e == DictError::NotFinite {
+                        stats.dropped_overflow += 1;
+                        self.dropped_in_retry += 1;
+                        done.push(key.clone());
+                    } else if !e.is_transient() {
+                        stats.dropped_permanent += 1;
+                        self.dropped_in_retry += 1;
+                        done.push(key.clone());
+                    }
+                }
+            }
             if let Some(b) = budget
-                && seen % CLOCK_EVERY == 0
-                && start.elapsed() >= b
+                && dict.now().saturating_duration_since(start) >= b
             {
                 out_of_time = true;
             }
-            to_retry.push(key.clone());
         }
-        for key in to_retry {
-            let Some(p) = self.pending.remove(&key) else {
-                continue;
-            };
-            self.pending_bytes -= entry_cost(&key);
-            self.stats.retries += 1;
-            self.write_owned(key, p.delta);
+        for key in done {
+            if self.pending.remove(&key).is_some() {
+                self.pending_bytes -= entry_cost(&key);
+            }
         }
         self.refresh_gauges();
         untried
@@ -266,6 +333,12 @@ impl<D: Dict> Flusher<D> {
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// The sum of every pending delta, for the line a worker logs when it
+    /// exits with deltas it could not write.
+    pub fn pending_sum(&self) -> f64 {
+        self.pending.values().map(|p| p.delta).sum()
     }
 
     /// Pending delta for a key (tests and diagnostics).
@@ -288,13 +361,6 @@ impl<D: Dict> Flusher<D> {
         }
     }
 
-    fn write_owned(&mut self, key: Box<[u8]>, delta: f64) -> Outcome {
-        match self.dict.incr(&key, delta) {
-            Ok(w) => self.stored(w),
-            Err(e) => self.refused(e, || key, delta),
-        }
-    }
-
     fn stored(&mut self, w: Written) -> Outcome {
         self.stats.keys_flushed += 1;
         if w.evicted {
@@ -308,7 +374,10 @@ impl<D: Dict> Flusher<D> {
     fn refused(&mut self, e: DictError, key: impl FnOnce() -> Box<[u8]>, delta: f64) -> Outcome {
         self.stats.failed_writes += 1;
         self.sync_ok = false;
-        let outcome = if !e.is_transient() {
+        let outcome = if e == DictError::NotFinite {
+            self.stats.dropped_overflow += 1;
+            Outcome::Dropped(e)
+        } else if !e.is_transient() {
             self.stats.dropped_permanent += 1;
             Outcome::Dropped(e)
         } else {
@@ -370,6 +439,9 @@ pub(crate) mod tests {
         pub capacity: Option<usize>,
         pub evict_on: Option<Vec<u8>>,
         pub calls: usize,
+        /// With `epoch` set, a stand-in clock: each write costs `write_cost`.
+        pub epoch: Option<Instant>,
+        pub write_cost: Duration,
     }
 
     impl Dict for FakeDict {
@@ -386,6 +458,13 @@ pub(crate) mod tests {
                 evicted: self.evict_on.as_deref() == Some(key),
             })
         }
+
+        fn now(&self) -> Instant {
+            match self.epoch {
+                Some(t) => t + self.write_cost * u32::try_from(self.calls).unwrap_or(u32::MAX),
+                None => Instant::now(),
+            }
+        }
     }
 
     fn flusher(dict: FakeDict) -> Flusher<FakeDict> {
@@ -399,7 +478,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
         assert_eq!(f.add(b"a", 2.5), Ok(Outcome::Stored));
         assert_eq!(f.add(b"b", -1.0), Ok(Outcome::Stored));
-        assert_eq!(f.end(true), 0);
+        assert_eq!(f.end(true).dropped_cap, 0);
         assert_eq!(f.dict().nums[&b"a".to_vec()], 3.5);
         assert_eq!(f.dict().nums[&b"b".to_vec()], -1.0);
         let s = f.stats();
@@ -442,8 +521,9 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"b", 2.0), Ok(Outcome::Retained(DictError::NoMemory)));
         // A later delta for a pending key merges into it.
         assert_eq!(f.add(b"b", 3.0), Ok(Outcome::Retained(DictError::NoMemory)));
-        assert_eq!(f.end(true), 0);
+        assert_eq!(f.end(true).dropped_cap, 0);
         assert_eq!(f.pending_delta(b"b"), Some(5.0));
+        assert_eq!(f.pending_sum(), 5.0);
         assert_eq!(f.stats().failed_syncs, 1);
 
         f.dict_mut().capacity = None;
@@ -491,7 +571,7 @@ pub(crate) mod tests {
         for i in 0..10u8 {
             f.add(&[b'k', i], 1.0).unwrap();
         }
-        assert_eq!(f.end(true), 7);
+        assert_eq!(f.end(true).dropped_cap, 7);
         let s = f.stats();
         assert_eq!((s.pending_keys, s.dropped_deltas), (3, 7));
 
@@ -526,26 +606,97 @@ pub(crate) mod tests {
 
     #[test]
     fn retry_tries_each_key_once_per_sync_and_respects_budget() {
+        // A slow dict on a stand-in clock: 20 µs a write, 2,000 pending keys,
+        // a 500 µs budget: each call may write about 25 keys, not all.
         let dict = FakeDict {
             capacity: Some(0),
+            epoch: Some(Instant::now()),
+            write_cost: Duration::from_micros(20),
             ..FakeDict::default()
         };
         let mut f = flusher(dict);
         f.begin();
-        for i in 0..100u8 {
-            f.add(&[i], 1.0).unwrap();
+        for i in 0..2000u16 {
+            f.add(&i.to_le_bytes(), 1.0).unwrap();
         }
         f.end(true);
         f.begin();
-        let calls = f.dict().calls;
-        // A zero budget still makes progress: one clock check's worth.
-        let left = f.retry(Some(Duration::ZERO));
-        assert!(left < 100, "no progress: {left}");
-        while f.retry(Some(Duration::ZERO)) > 0 {}
+        let budget = Some(Duration::from_micros(500));
+        let mut calls_made = 0;
+        let start = f.dict().calls;
+        loop {
+            let before = f.dict().calls;
+            let left = f.retry(budget);
+            let writes = f.dict().calls - before;
+            assert!((1..=26).contains(&writes), "{writes} writes in one slice");
+            calls_made += 1;
+            if left == 0 {
+                break;
+            }
+        }
+        assert!(calls_made >= 2000 / 26, "{calls_made} slices");
         assert_eq!(f.retry(None), 0);
-        assert_eq!(f.dict().calls - calls, 100, "each key tried exactly once");
+        assert_eq!(f.dict().calls - start, 2000, "each key tried exactly once");
         f.end(true);
-        assert_eq!(f.stats().pending_keys, 100);
+        assert_eq!(f.stats().pending_keys, 2000);
+        // A zero budget still makes progress: one write per call.
+        f.begin();
+        let before = f.dict().calls;
+        assert_eq!(f.retry(Some(Duration::ZERO)), 1999);
+        assert_eq!(f.dict().calls - before, 1);
+    }
+
+    #[test]
+    fn a_sync_begun_during_another_joins_it() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.begin();
+        for i in 0..50u8 {
+            f.add(&[i], 1.0).unwrap();
+        }
+        f.end(true);
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings.push(vec![0u8]);
+        // The sliced sync retries part of the keys, then a manual sync runs.
+        f.begin();
+        let calls = f.dict().calls;
+        let left = f.retry(Some(Duration::ZERO));
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        let manual = f.end(true);
+        assert_eq!(f.retry(None), 0);
+        let sliced = f.end(true);
+        assert_eq!(f.dict().calls - calls, 50, "each key tried once: {left}");
+        // The drop is reported once, and neither sync claims success.
+        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 1);
+        let s = f.stats();
+        assert_eq!((s.syncs, s.failed_syncs), (3, 3));
+        // The next sync starts clean.
+        f.begin();
+        f.add(b"x", 1.0).unwrap();
+        f.end(true);
+        assert_eq!(f.stats().failed_syncs, 3);
+    }
+
+    #[test]
+    fn permanent_failure_during_retry_is_reported() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.begin();
+        f.add(b"s", 1.0).unwrap();
+        f.end(true);
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings.push(b"s".to_vec());
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        assert_eq!(f.end(true).dropped_in_retry, 1);
+        let s = f.stats();
+        assert_eq!((s.dropped_permanent, s.pending_keys), (1, 0));
+        assert_eq!(s.failed_syncs, 2, "the sync that dropped it failed");
     }
 
     #[test]
@@ -554,9 +705,15 @@ pub(crate) mod tests {
             capacity: Some(0),
             ..FakeDict::default()
         });
+        f.begin();
         f.add(b"k", f64::MAX).unwrap();
-        assert_eq!(f.add(b"k", f64::MAX), Err(Rejected::BadDelta));
+        f.end(true);
+        f.begin();
+        assert_eq!(f.add(b"k", f64::MAX), Ok(Outcome::DroppedOverflow));
         assert_eq!(f.pending_delta(b"k"), Some(f64::MAX));
+        f.end(true);
+        let s = f.stats();
+        assert_eq!((s.dropped_overflow, s.failed_syncs), (1, 2));
     }
 
     /// Random incr/flush sequences against a plain model: whatever the dict

@@ -54,6 +54,8 @@ pub type UdataToZoneFn = unsafe extern "C" fn(zone_udata: *mut c_void) -> *mut c
 const NGX_OK: c_int = 0;
 /// `NGX_HTTP_LUA_SHDICT_ADD`: store only if the key is missing.
 const SHDICT_ADD: c_int = 1;
+/// `NGX_HTTP_LUA_SHDICT_REPLACE`: store only if the key exists.
+const SHDICT_REPLACE: c_int = 2;
 /// `LUA_TNUMBER`: the stored value is `num_value`.
 const LUA_TNUMBER: c_int = 3;
 /// How often a key may vanish and reappear between incr and add.
@@ -162,9 +164,46 @@ impl ShDict {
             )
         };
         if rc == NGX_OK {
+            if !value.is_finite() {
+                // Finite old value plus finite delta overflowed (another
+                // worker's write raced ours, or the sum left the range).
+                // The dict must not hold it: saturate, and drop this delta.
+                self.saturate(key, value);
+                return Err(DictError::NotFinite);
+            }
             return Ok(Some(Written { evicted: false }));
         }
         refusal(err, b"not found")
+    }
+
+    /// Replaces a non-finite number at `key` with the largest finite number
+    /// of its sign (NaN: 0). Best effort: if the replace fails the key is
+    /// left as it is, and the caller reports the drop either way.
+    fn saturate(&mut self, key: &[u8], value: f64) {
+        let repaired = if value.is_nan() {
+            0.0
+        } else {
+            f64::MAX.copysign(value)
+        };
+        let mut err: *mut c_char = ptr::null_mut();
+        let mut forcible: c_int = 0;
+        // SAFETY: as in add_new.
+        unsafe {
+            (self.store)(
+                self.zone.as_ptr(),
+                SHDICT_REPLACE,
+                key.as_ptr(),
+                key.len(),
+                LUA_TNUMBER,
+                ptr::null(),
+                0,
+                repaired,
+                0,
+                0,
+                &mut err,
+                &mut forcible,
+            )
+        };
     }
 
     /// `dict:add(key, delta)`: `Ok(None)` when the key exists by now.
@@ -315,7 +354,12 @@ mod tests {
                 std::slice::from_raw_parts(key, key_len).to_vec(),
             )
         };
-        assert_eq!((op, value_type), (SHDICT_ADD, LUA_TNUMBER));
+        assert_eq!(value_type, LUA_TNUMBER);
+        if op == SHDICT_REPLACE {
+            zone.map.insert(key, num);
+            return NGX_OK;
+        }
+        assert_eq!(op, SHDICT_ADD);
         zone.adds += 1;
         if let Some(at) = zone.raced.iter().position(|k| *k == key) {
             zone.raced.remove(at);
@@ -374,6 +418,18 @@ mod tests {
         let mut d = dict(&mut zone);
         assert_eq!(d.incr(b"s", 1.0), Err(DictError::NotANumber));
         assert_eq!(d.incr(b"x", 1.0), Err(DictError::NoMemory));
+    }
+
+    #[test]
+    fn an_overflowing_incr_saturates_the_key_and_is_refused() {
+        let mut zone = Zone::default();
+        let mut d = dict(&mut zone);
+        assert!(d.incr(b"k", 1e308).is_ok());
+        assert_eq!(d.incr(b"k", 1e308), Err(DictError::NotFinite));
+        assert_eq!(d.incr(b"n", -1e308), Ok(Written { evicted: false }));
+        assert_eq!(d.incr(b"n", -1e308), Err(DictError::NotFinite));
+        assert_eq!(zone.map[&b"k".to_vec()], f64::MAX);
+        assert_eq!(zone.map[&b"n".to_vec()], -f64::MAX);
     }
 
     #[test]

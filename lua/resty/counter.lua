@@ -25,7 +25,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 1
+local ABI_VERSION = 2
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -90,7 +90,8 @@ int32_t resty_counter_flusher_add(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
-double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok);
+double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok,
+                                 double *dropped_in_retry);
 int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
     size_t n);
 typedef struct resty_counter_stage resty_counter_stage;
@@ -111,11 +112,12 @@ _M._CDEF = CDEF  -- read by the ABI drift check
 local STATS_FIELDS = {
     "pending_keys", "pending_bytes", "keys_flushed", "retries",
     "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-    "syncs", "failed_syncs", "last_sync_seconds",
+    "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
+    "pending_sum",
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out
+local int32_out, stats_out, end_out
 
 -- Loads one candidate: the library, or nil and why not (nil: no file).
 local function try_library(path)
@@ -154,6 +156,7 @@ local function load_library()
                 lib = found
                 int32_out = ffi.new("int32_t[1]")
                 stats_out = ffi.new("double[?]", #STATS_FIELDS)
+                end_out = ffi.new("double[1]")
                 return lib
             end
             if why == "abi" then
@@ -219,9 +222,11 @@ local function report(self, key, rc, tally)
     if rc == RC_EVICTED then
         tally.evicted = tally.evicted + 1
         if self.error_metric then
-            ngx.log(ngx.ERR,
-                    "increasing counter in shdict: lru eviction: key=",
-                    printable(key))
+            if tally.evicted <= WARN_LINES_PER_SYNC then
+                ngx.log(ngx.ERR,
+                        "increasing counter in shdict: lru eviction: key=",
+                        printable(key))
+            end
             return false
         end
         return true
@@ -314,7 +319,15 @@ end
 
 local function end_sync(self, ok, tally)
     local dropped = tonumber(lib.resty_counter_flusher_end(self.handle,
-                                                            ok and 1 or 0))
+                                                            ok and 1 or 0,
+                                                            end_out))
+    local dropped_in_retry = tonumber(end_out[0])
+    if dropped_in_retry > 0 then
+        ok = false
+        ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
+                "\" refused ", dropped_in_retry, " pending increments for ",
+                "good when retried: dropped")
+    end
     if tally.failed > WARN_LINES_PER_SYNC then
         ngx.log(ngx.WARN, "resty.counter: ",
                 tally.failed - WARN_LINES_PER_SYNC, " more keys failed in ",
@@ -326,6 +339,12 @@ local function end_sync(self, ok, tally)
                 "\" is full and the pending cap is reached: dropped ",
                 dropped, " increments in this sync")
     end
+    if self.error_metric and tally.evicted > WARN_LINES_PER_SYNC then
+        ngx.log(ngx.ERR, "resty.counter: ",
+                tally.evicted - WARN_LINES_PER_SYNC, " more keys evicted ",
+                "other entries in this sync of shared dict \"", self.name,
+                "\"")
+    end
     if tally.evicted > 0 and not self.error_metric then
         ngx.log(ngx.WARN, "resty.counter: flushing into shared dict \"",
                 self.name, "\" evicted other entries ", tally.evicted,
@@ -334,6 +353,16 @@ local function end_sync(self, ok, tally)
     if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
        and stats_out[0] > 0 then
         ok = false  -- keys still pending: not every delta arrived
+        if ngx.worker.exiting() then
+            -- The last sync of this worker: what is pending now is lost.
+            lib.resty_counter_flusher_stats(self.handle, stats_out,
+                                            #STATS_FIELDS)
+            ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
+                    tonumber(stats_out[0]), " keys with pending increments ",
+                    "summing ", tonumber(stats_out[#STATS_FIELDS - 1]),
+                    " could not be written to shared dict \"", self.name,
+                    "\": lost")
+        end
     end
     if not ok and self.error_metric then
         incr_init(self.dict, self.error_metric, 1, 0)

@@ -215,6 +215,91 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
+    it("a pending delta the dict refuses for good at retry fails the sync, "
+       .. "logged, counted and in the error metric", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local fillers = 0
+        while small:safe_set("f" .. fillers + 1, 1) do
+            fillers = fillers + 1
+        end
+        local sc = counter.new("full", nil, "sync_errors")
+        local key = string.rep("p", 300)
+        sc:incr(key, 1)
+        assert.is_false(sc:sync())
+        assert.equal(1, sc:stats().pending_keys)
+        for i = 1, fillers do
+            small:delete("f" .. i)
+        end
+        -- The key turns into a string before the retry.
+        assert.is_true(small:set(key, "a string"))
+        local errors = small:get("sync_errors") or 0
+        local dropped = sc:stats().dropped_permanent
+        local log_at = error_log_size()
+        assert.is_false(sc:sync())
+        local s = sc:stats()
+        assert.equal(0, s.pending_keys)
+        assert.equal(dropped + 1, s.dropped_permanent)
+        assert.equal(errors + 1, small:get("sync_errors"))
+        assert.equal(1, count(error_log_since(log_at), "refused 1 pending "
+                                  .. "increments for good when retried"))
+        small:flush_all()
+        small:flush_expired()
+    end)
+
+    it("a delta whose sum with its pending delta overflows is dropped and "
+       .. "reported; the pending one stays", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local fillers = 0
+        while small:safe_set("f" .. fillers + 1, 1) do
+            fillers = fillers + 1
+        end
+        local sc = counter.new("full")
+        local key = string.rep("o", 300)
+        sc:incr(key, 1e308)
+        assert.is_false(sc:sync())
+        assert.equal(1, sc:stats().pending_keys)
+        local before = sc:stats().dropped_overflow
+        sc:incr(key, 1e308)
+        local log_at = error_log_size()
+        assert.is_false(sc:sync())
+        assert.equal(before + 1, sc:stats().dropped_overflow)
+        assert.equal(1, count(error_log_since(log_at), "sum with the pending "
+                                  .. "delta is not finite"))
+        for i = 1, fillers do
+            small:delete("f" .. i)
+        end
+        assert.is_true(sc:sync())
+        assert.equal(1e308, small:get(key))
+        assert.equal(0, sc:stats().pending_keys)
+        small:flush_all()
+        small:flush_expired()
+    end)
+
+    it("a sum that would leave the finite range saturates the key and is "
+       .. "reported; the dict never holds inf", function()
+        c:incr("big", 1e308)
+        assert.is_true(c:sync())
+        local dropped = c:stats().dropped_overflow
+        local log_at = error_log_size()
+        c:incr("big", 1e308)
+        c:incr("fine", 1)
+        assert.is_false(c:sync())
+        assert.equal(1.7976931348623157e308, dict:get("big"))
+        assert.equal(1, dict:get("fine"))
+        assert.equal(dropped + 1, c:stats().dropped_overflow)
+        assert.equal(1, count(error_log_since(log_at), "key: big, err: sum "
+                                  .. "in the dict is not finite"))
+        c:incr("neg", -1e308)
+        assert.is_true(c:sync())
+        c:incr("neg", -1e308)
+        assert.is_false(c:sync())
+        assert.equal(-1.7976931348623157e308, dict:get("neg"))
+    end)
+
     it("error_metric_name: evictions fail the sync and count once",
        function()
         local small = ngx.shared.full
@@ -237,6 +322,33 @@ describe("resty.counter in nginx", function()
                                    .. "eviction: key=evictor"))
         assert.equal(0, count(log, "error increasing counter"))
         assert.is_true(sc:stats().evictions >= 1)
+        small:flush_all()
+        small:flush_expired()
+    end)
+
+    it("error_metric_name: eviction lines are capped per sync, then one "
+       .. "summary line; the metric counts the sync once", function()
+        local small = ngx.shared.full
+        small:flush_all()
+        small:flush_expired()
+        local sc = counter.new("full", nil, "sync_errors")
+        for i = 1, 10000 do
+            if not small:safe_set("filler-" .. i, i) then
+                break
+            end
+        end
+        local log_at = error_log_size()
+        for i = 1, 300 do
+            sc:incr("evictor-" .. i)
+        end
+        assert.is_false(sc:sync())
+        local evicted = sc:stats().evictions
+        assert.is_true(evicted > 100, "too few evictions to test: " .. evicted)
+        local log = error_log_since(log_at)
+        assert.equal(100, count(log, "lru eviction: key=evictor-"))
+        assert.equal(1, count(log, " more keys evicted other entries in "
+                                   .. "this sync"))
+        assert.equal(1, sc:get("sync_errors"))
         small:flush_all()
         small:flush_expired()
     end)

@@ -151,7 +151,7 @@ local SERVER = [[
 local STATS_FIELDS = {
   "pending_keys", "pending_bytes", "keys_flushed", "retries",
   "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-  "syncs", "failed_syncs", "last_sync_seconds",
+  "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
 }
 
 describe("#integration full dict", function()
