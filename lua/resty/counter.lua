@@ -384,21 +384,35 @@ local function sync_sliced(self)
     return end_sync(self, ok, tally)
 end
 
--- One repeating timer per dict and worker (ngx.timer.every): it syncs
--- every sync_interval (in slices) and, for every counter, automatic or
--- manual, flushes when the worker exits: lua-nginx-module runs pending
--- timers at once, with premature = true, when a worker shuts down. nginx
--- re-arms a repeating timer itself before it checks lua_max_running_timers
--- and without the lua_max_pending_timers check, so a busy timer table can
--- drop a run but never stops the timer. Only its creation can be refused;
--- then the next new(), sync() or first increment of a key tries again.
+-- One timer per dict and worker. With a sync_interval it is a repeating
+-- timer (ngx.timer.every) that syncs every interval, in slices: nginx
+-- re-arms a repeating timer itself, before it checks
+-- lua_max_running_timers and without the lua_max_pending_timers check, so
+-- a busy timer table can drop a run but never stops it. A manual counter's
+-- guard timer is re-armed each second (ngx.timer.at), so that an interval
+-- given by a later new() turns it into the syncing timer. Either way it
+-- flushes when the worker exits: lua-nginx-module runs pending timers at
+-- once, with premature = true, when a worker shuts down.
+-- A refused timer, or a guard that has not run for GUARD_DEAD seconds, is
+-- started again by the next new(), sync() or first increment of a key.
 local tick
 local REARM_EVERY = 0.1         -- seconds between two tries while down
+local GUARD_DEAD = 2 * GUARD_PERIOD + 5
 
 -- After the exit flush nothing syncs again: write straight to the dict.
 local function exit_flush(self)
     self.exited = true
     return sync_now(self)
+end
+
+local function timer_down(self, err)
+    self.timer = false
+    if not self.timer_down then
+        self.timer_down = true
+        ngx.log(ngx.ERR, "resty.counter: cannot start the timer of shared ",
+                "dict \"", self.name, "\": ", err, "; retrying at the next ",
+                "new(), sync() or increment")
+    end
 end
 
 local function start_timer(self)
@@ -413,25 +427,36 @@ local function start_timer(self)
         return
     end
     self.timer_tried = now
-    -- A generation per timer: a manual counter's guard timer retires when
-    -- a later new() gives the dict an interval and a new timer.
+    -- A generation per timer: an older timer that is still scheduled
+    -- retires when it runs.
     local gen = (self.gen or 0) + 1
-    local ok, err = ngx.timer.every(self.interval or GUARD_PERIOD, tick,
-                                    self, gen)
-    if not ok then
-        if not self.timer_down then
-            self.timer_down = true
-            ngx.log(ngx.ERR, "resty.counter: cannot start the timer of ",
-                    "shared dict \"", self.name, "\": ", err,
-                    "; retrying at the next new(), sync() or increment")
-        end
-        return
+    local period = self.interval
+    local ok, err
+    if period then
+        ok, err = ngx.timer.every(period, tick, self, gen)
+    else
+        ok, err = ngx.timer.at(GUARD_PERIOD, tick, self, gen)
     end
-    self.gen, self.timer, self.timer_period = gen, true, self.interval
+    if not ok then
+        return timer_down(self, err)
+    end
+    self.gen, self.timer, self.timer_period, self.ticked = gen, true, period,
+                                                           now
     if self.timer_down then
         self.timer_down = nil
         ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
                 self.name, "\" runs again")
+    end
+end
+
+-- Starts the timer again if it is down; cheap enough for incr's slow path.
+local function check_timer(self)
+    if self.timer and not self.timer_period
+       and ngx.now() - self.ticked > GUARD_DEAD then
+        self.timer = false  -- a guard whose run was dropped
+    end
+    if not self.timer then
+        return start_timer(self)
     end
 end
 
@@ -442,8 +467,24 @@ tick = function(premature, self, gen)
         end
         return
     end
-    if gen ~= self.gen or not self.interval or self.syncing then
-        return  -- a retired timer, a manual counter, or a sync still running
+    if gen ~= self.gen then
+        return  -- a retired timer
+    end
+    self.ticked = ngx.now()
+    if not self.timer_period then
+        -- The guard: a later new() may have given an interval.
+        if self.interval then
+            self.timer, self.timer_tried = false, nil
+            return start_timer(self)
+        end
+        local ok, err = ngx.timer.at(GUARD_PERIOD, tick, self, gen)
+        if not ok then
+            return timer_down(self, err)
+        end
+        return
+    end
+    if self.syncing then
+        return  -- the previous sync still runs
     end
     self.syncing = true
     local ok, err = pcall(sync_sliced, self)
@@ -553,12 +594,10 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
 
     if self.native then
         if sync_interval and not self.interval then
-            self.interval = sync_interval
-            -- the guard timer retires, a syncing one starts
-            self.timer, self.timer_tried = false, nil
+            self.interval = sync_interval  -- the guard's next run takes it
         end
         if not in_master(self) then
-            start_timer(self)
+            check_timer(self)
         end
     elseif sync_interval and not self.interval then
         self.interval = sync_interval
@@ -604,8 +643,8 @@ local function incr_slow(self, key, step)
         return true
     end
 
-    if self.native and not self.timer then
-        start_timer(self)  -- the timer is down: try again (rate-limited)
+    if self.native then
+        check_timer(self)  -- the timer is down: try again (rate-limited)
     end
 
     local buf = self.buf
@@ -645,9 +684,7 @@ end
 
 function _M.sync(self)
     if self.native then
-        if not self.timer then
-            start_timer(self)
-        end
+        check_timer(self)
         return sync_now(self)
     end
     return sync_lua(false, self)
