@@ -697,7 +697,10 @@ end
 -- non-finite.
 function _M.reset(self, key, number)
     number = tonumber(number)
-    if not number or number - number ~= 0 then
+    if not number or number ~= number then
+        return nil, "expect a number at #2"  -- the original's message
+    end
+    if number - number ~= 0 then
         return nil, "expect a finite number at #2"
     end
     local cur = self.dict:get(key)
