@@ -66,6 +66,29 @@ if has_ffi and not (ngx and ngx.config) then
     has_ffi = false  -- plain LuaJIT outside nginx: no shared dict to write to
 end
 
+-- Whether this Lua VM lives for one request only (lua_code_cache off):
+-- then a buffer would die with the request, and a timer would keep the
+-- whole VM alive, so every increment writes straight to the dict instead.
+-- A worker loads this module once per VM; with the code cache on that is
+-- once per process. The load records the worker's pid in the process
+-- environment (setenv: process-wide, shared by every VM, invisible to the
+-- dict); a second load in the same process finds its own pid there. The
+-- master's record (init_by_lua) carries the master's pid, so a worker's
+-- first load is not mistaken for a second. A later load after
+-- package.loaded was cleared also writes through, which is right as well:
+-- the earlier copy's buffer and timer are the ones still alive.
+local PER_REQUEST_VM = false
+if has_ffi then
+    local LOAD_MARK = "RESTY_COUNTER_LOADED_BY"
+    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    local pid = tostring(ngx.worker.pid())
+    if os.getenv(LOAD_MARK) == pid then
+        PER_REQUEST_VM = ngx.get_phase() ~= "init"
+    else
+        pcall(function() ffi.C.setenv(LOAD_MARK, pid, 1) end)
+    end
+end
+
 ---------------------------------------------------------------------------
 -- The ABI: the one source of truth for the library's prototypes.
 ---------------------------------------------------------------------------
@@ -401,7 +424,7 @@ local GUARD_DEAD = 2 * GUARD_PERIOD + 5
 
 -- After the exit flush nothing syncs again: write straight to the dict.
 local function exit_flush(self)
-    self.exited = true
+    self.write_through = true
     return sync_now(self)
 end
 
@@ -416,7 +439,7 @@ local function timer_down(self, err)
 end
 
 local function start_timer(self)
-    if self.timer or self.exited or ngx.get_phase() == "init" then
+    if self.timer or self.write_through or ngx.get_phase() == "init" then
         return
     end
     if ngx.worker.exiting() then
@@ -462,7 +485,7 @@ end
 
 tick = function(premature, self, gen)
     if premature or ngx.worker.exiting() then
-        if not self.exited then
+        if not self.write_through then
             return exit_flush(self)
         end
         return
@@ -493,7 +516,7 @@ tick = function(premature, self, gen)
         ngx.log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
                 "\" failed: ", err)
     end
-    if ngx.worker.exiting() and not self.exited then
+    if ngx.worker.exiting() and not self.write_through then
         return exit_flush(self)
     end
 end
@@ -562,6 +585,8 @@ local function new_state(dict, name)
             return nil, err
         end
         self.handle = h
+        -- A VM per request: no buffer, no timer (see PER_REQUEST_VM).
+        self.write_through = PER_REQUEST_VM
         -- In the master, before fork: write through, so that a count made
         -- in init_by_lua is not copied into, and flushed by, every worker.
         self.direct = ngx.get_phase() == "init"
@@ -632,7 +657,7 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.exited or in_master(self) then
+    if self.write_through or in_master(self) then
         -- Before the fork (master) or after the exit flush: no timer will
         -- flush a buffer, so write straight to the dict.
         local _, err = incr_init(self.dict, key, step, 0)
