@@ -69,24 +69,25 @@ end
 -- Whether this Lua VM lives for one request only (lua_code_cache off):
 -- then a buffer would die with the request, and a timer would keep the
 -- whole VM alive, so every increment writes straight to the dict instead.
--- A worker loads this module once per VM; with the code cache on that is
--- once per process. The load records the worker's pid in the process
--- environment (setenv: process-wide, shared by every VM, invisible to the
--- dict); a second load in the same process finds its own pid there. The
--- master's record (init_by_lua) carries the master's pid, so a worker's
--- first load is not mistaken for a second. A later load after
--- package.loaded was cleared also writes through, which is right as well:
--- the earlier copy's buffer and timer are the ones still alive.
+-- A load marks both the process (its environment, via setenv: shared by
+-- every VM of the process, invisible to the dict; per subsystem, whose
+-- VMs differ) and the VM (its registry). A load that finds the process
+-- marked with its own pid but the VM unmarked runs in a VM other than the
+-- one that loaded first: a VM per request. The master's mark (init_by_lua)
+-- carries the master's pid, so a worker's first load is not mistaken for
+-- a second; a reload in the same VM (package.loaded cleared, as busted
+-- does between spec files) finds the VM marked and buffers as usual.
 local PER_REQUEST_VM = false
 if has_ffi then
-    local LOAD_MARK = "RESTY_COUNTER_LOADED_BY"
-    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    local mark = "RESTY_COUNTER_LOADED_BY_" .. (ngx.config.subsystem or "http")
+    local registry = debug.getregistry()
     local pid = tostring(ngx.worker.pid())
-    if os.getenv(LOAD_MARK) == pid then
+    if os.getenv(mark) == pid and not registry[mark] then
         PER_REQUEST_VM = ngx.get_phase() ~= "init"
-    else
-        pcall(function() ffi.C.setenv(LOAD_MARK, pid, 1) end)
     end
+    registry[mark] = true
+    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    pcall(function() ffi.C.setenv(mark, pid, 1) end)
 end
 
 ---------------------------------------------------------------------------
@@ -407,20 +408,22 @@ local function sync_sliced(self)
     return end_sync(self, ok, tally)
 end
 
--- One timer per dict and worker. With a sync_interval it is a repeating
--- timer (ngx.timer.every) that syncs every interval, in slices: nginx
--- re-arms a repeating timer itself, before it checks
--- lua_max_running_timers and without the lua_max_pending_timers check, so
--- a busy timer table can drop a run but never stops it. A manual counter's
--- guard timer is re-armed each second (ngx.timer.at), so that an interval
--- given by a later new() turns it into the syncing timer. Either way it
--- flushes when the worker exits: lua-nginx-module runs pending timers at
--- once, with premature = true, when a worker shuts down.
--- A refused timer, or a guard that has not run for GUARD_DEAD seconds, is
--- started again by the next new(), sync() or first increment of a key.
+-- One timer per dict and worker. With a sync_interval, a repeating timer
+-- (ngx.timer.every) syncs every interval, in slices. nginx re-arms a
+-- repeating timer itself, before it checks lua_max_running_timers and
+-- without the lua_max_pending_timers check, so a busy timer table can
+-- drop a run but never stops it. A manual counter has a one-shot guard
+-- (ngx.timer.at) re-armed each GUARD_PERIOD; a later new() that gives it
+-- an interval is taken by the guard's next run, which syncs and hands over
+-- to a repeating timer. Either way the
+-- timer flushes when the worker exits: lua-nginx-module runs pending
+-- timers at once, with premature = true, when a worker shuts down.
+-- A refused timer, or a guard GUARD_LATE seconds past its due time (its
+-- run was dropped), is started again by the next new(), sync() or first
+-- increment of a key.
 local tick
 local REARM_EVERY = 0.1         -- seconds between two tries while down
-local GUARD_DEAD = 2 * GUARD_PERIOD + 5
+local GUARD_LATE = 5
 
 -- After the exit flush nothing syncs again: write straight to the dict.
 local function exit_flush(self)
@@ -438,33 +441,8 @@ local function timer_down(self, err)
     end
 end
 
-local function start_timer(self)
-    if self.timer or self.write_through or ngx.get_phase() == "init" then
-        return
-    end
-    if ngx.worker.exiting() then
-        return exit_flush(self)  -- no timer will run: flush now
-    end
-    local now = ngx.now()
-    if self.timer_tried and now - self.timer_tried < REARM_EVERY then
-        return
-    end
-    self.timer_tried = now
-    -- A generation per timer: an older timer that is still scheduled
-    -- retires when it runs.
-    local gen = (self.gen or 0) + 1
-    local period = self.interval
-    local ok, err
-    if period then
-        ok, err = ngx.timer.every(period, tick, self, gen)
-    else
-        ok, err = ngx.timer.at(GUARD_PERIOD, tick, self, gen)
-    end
-    if not ok then
-        return timer_down(self, err)
-    end
-    self.gen, self.timer, self.timer_period, self.ticked = gen, true, period,
-                                                           now
+local function timer_up(self)
+    self.timer = true
     if self.timer_down then
         self.timer_down = nil
         ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
@@ -472,10 +450,49 @@ local function start_timer(self)
     end
 end
 
+-- Arms the guard (one-shot) for `delay` seconds, under generation `gen`.
+local function arm_guard(self, delay, gen)
+    local ok, err = ngx.timer.at(delay, tick, self, gen)
+    if not ok then
+        return timer_down(self, err)
+    end
+    self.gen, self.repeating, self.due = gen, false, ngx.now() + delay
+    return timer_up(self)
+end
+
+-- Starts the timer: the interval's repeating timer, or a manual counter's
+-- guard. Each start is a new generation: an older timer still scheduled
+-- retires when it runs. `now` skips the rate limit (the guard hands over).
+local function start_timer(self, now_please)
+    if self.timer or self.write_through or ngx.get_phase() == "init" then
+        return
+    end
+    if ngx.worker.exiting() then
+        return exit_flush(self)  -- no timer will run: flush now
+    end
+    local now = ngx.now()
+    if not now_please and self.timer_tried
+       and now - self.timer_tried < REARM_EVERY then
+        return
+    end
+    self.timer_tried = now
+    local gen = (self.gen or 0) + 1
+    local period = self.interval
+    if period then
+        local ok, err = ngx.timer.every(period, tick, self, gen)
+        if not ok then
+            return timer_down(self, err)
+        end
+        self.gen, self.repeating = gen, true
+        return timer_up(self)
+    end
+    return arm_guard(self, GUARD_PERIOD, gen)
+end
+
 -- Starts the timer again if it is down; cheap enough for incr's slow path.
 local function check_timer(self)
-    if self.timer and not self.timer_period
-       and ngx.now() - self.ticked > GUARD_DEAD then
+    if self.timer and not self.repeating
+       and ngx.now() > self.due + GUARD_LATE then
         self.timer = false  -- a guard whose run was dropped
     end
     if not self.timer then
@@ -493,18 +510,13 @@ tick = function(premature, self, gen)
     if gen ~= self.gen then
         return  -- a retired timer
     end
-    self.ticked = ngx.now()
-    if not self.timer_period then
-        -- The guard: a later new() may have given an interval.
-        if self.interval then
-            self.timer, self.timer_tried = false, nil
-            return start_timer(self)
+    if not self.repeating then
+        if not self.interval then
+            return arm_guard(self, GUARD_PERIOD, gen)  -- manual: wait for exit
         end
-        local ok, err = ngx.timer.at(GUARD_PERIOD, tick, self, gen)
-        if not ok then
-            return timer_down(self, err)
-        end
-        return
+        -- Hand over to the repeating timer, and sync now.
+        self.timer = false
+        start_timer(self, true)
     end
     if self.syncing then
         return  -- the previous sync still runs
