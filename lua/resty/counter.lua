@@ -557,12 +557,12 @@ local function sync_lua(_, self)
         local _, err, forcible = self.dict:incr(k, v, 0)
         if forcible and self.error_metric then
             ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                    k)
+                    printable(k))
             ok = false
         end
         if err then
-            ngx.log(ngx.WARN, "error increasing counter in shdict key: ", k,
-                    ", err: ", err)
+            ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
+                    printable(k), ", err: ", err)
             ok = false
         end
     end

@@ -306,9 +306,16 @@ describe("resty.counter in nginx", function()
         g:incr("a", 2)
         assert.is_true(g:sync())
         assert.equal(3, ngx.shared.gated:get("a"))
+        -- the pure-Lua sync escapes the keys it logs
+        local forged = "s\n2026/01/01 00:00:00 [info] 1#1: forged"
+        ngx.shared.gated:set(forged, "not a number")
+        g:incr(forged)
+        g:sync()
         local log = error_log_since(offset)
         assert.equal(1, count(log, "lua-nginx-module version 10011 is "
                                    .. "outside the supported range"))
+        assert.equal(1, count(log, "shdict key: s\\x0a2026/01/01"))
+        assert.is_nil(log:find("\n2026/01/01 00:00:00 [info]", 1, true))
         -- the running version passes the gate
         assert.equal("native", counter.new("counters"):stats().mode)
     end)
