@@ -151,6 +151,51 @@ describe("#integration the automatic sync heals itself", function()
     print(("counted/served: %d/%d"):format(counted, served))
     assert.equal(served, counted)
   end)
+
+  it("logs a refused timer once and its recovery once", function()
+    srv = nginx.start{ workers = 1, http = [[
+      lua_max_pending_timers 2;
+      lua_shared_dict d 1m;
+    ]], server = COMMON_SERVER .. [[
+      location = /down {
+        content_by_lua_block {
+          -- Every pending-timer slot is taken (for 1 s) when the counter
+          -- is created; its increments try to start the timer again
+          -- meanwhile, and fail.
+          local noop = function() end
+          while ngx.timer.at(1, noop) do end
+          local H = require "spec.integration.helpers"
+          H.c = require("resty.counter").new("d", 0.2)
+          for i = 1, 40 do
+            H.c:incr("k" .. i)
+            ngx.sleep(0.01)
+          end
+        }
+      }
+      location = /hit {
+        content_by_lua_block {
+          require("spec.integration.helpers").c:incr("hits")
+        }
+      }
+    ]] }
+    assert.equal(200, (srv:get("/down")))
+    H.sleep(1.2)  -- the application's timers have fired
+    assert.equal(200, (srv:get("/hit")))
+    assert.equal(1, wait_for(srv, "hits", 1))
+    assert.equal(1, wait_for(srv, "k40", 1))
+    local log = srv:error_log()
+    local function count(plain)
+      local n, at = 0, 1
+      while true do
+        local i = log:find(plain, at, true)
+        if not i then return n end
+        n, at = n + 1, i + 1
+      end
+    end
+    assert.equal(1, count("cannot start the timer of shared dict \"d\""),
+                 log)
+    assert.equal(1, count("the timer of shared dict \"d\" runs again"), log)
+  end)
 end)
 
 describe("#integration increments after the exit flush", function()
