@@ -408,22 +408,21 @@ local function sync_sliced(self)
     return end_sync(self, ok, tally)
 end
 
--- One timer per dict and worker. With a sync_interval, a repeating timer
--- (ngx.timer.every) syncs every interval, in slices. nginx re-arms a
--- repeating timer itself, before it checks lua_max_running_timers and
--- without the lua_max_pending_timers check, so a busy timer table can
--- drop a run but never stops it. A manual counter has a one-shot guard
--- (ngx.timer.at) re-armed each GUARD_PERIOD; a later new() that gives it
--- an interval is taken by the guard's next run, which syncs and hands over
--- to a repeating timer. Either way the
--- timer flushes when the worker exits: lua-nginx-module runs pending
--- timers at once, with premature = true, when a worker shuts down.
--- A refused timer, or a guard GUARD_LATE seconds past its due time (its
--- run was dropped), is started again by the next new(), sync() or first
--- increment of a key.
+-- One timer per dict and worker, always a repeating one (ngx.timer.every):
+-- nginx re-arms a repeating timer itself, before it checks
+-- lua_max_running_timers and without the lua_max_pending_timers check, so
+-- a busy timer table can drop a run but never stops it. With a
+-- sync_interval it syncs every interval, in slices. A manual counter's
+-- timer (the guard) runs each GUARD_PERIOD and does nothing until the
+-- worker exits; if a later new() gives the counter an interval, the guard
+-- syncs on its runs once the interval has passed (so such a counter syncs
+-- at most once per GUARD_PERIOD). Either way the timer flushes when the
+-- worker exits: lua-nginx-module runs pending timers at once, with
+-- premature = true, when a worker shuts down.
+-- A timer nginx refused is started again by the next new(), sync() or
+-- first increment of a key.
 local tick
 local REARM_EVERY = 0.1         -- seconds between two tries while down
-local GUARD_LATE = 5
 
 -- After the exit flush nothing syncs again: write straight to the dict.
 local function exit_flush(self)
@@ -441,29 +440,9 @@ local function timer_down(self, err)
     end
 end
 
-local function timer_up(self)
-    self.timer = true
-    if self.timer_down then
-        self.timer_down = nil
-        ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
-                self.name, "\" runs again")
-    end
-end
-
--- Arms the guard (one-shot) for `delay` seconds, under generation `gen`.
-local function arm_guard(self, delay, gen)
-    local ok, err = ngx.timer.at(delay, tick, self, gen)
-    if not ok then
-        return timer_down(self, err)
-    end
-    self.gen, self.repeating, self.due = gen, false, ngx.now() + delay
-    return timer_up(self)
-end
-
--- Starts the timer: the interval's repeating timer, or a manual counter's
--- guard. Each start is a new generation: an older timer still scheduled
--- retires when it runs. `now` skips the rate limit (the guard hands over).
-local function start_timer(self, now_please)
+-- Starts the timer. Each start is a new generation: an older timer still
+-- scheduled retires when it runs.
+local function start_timer(self)
     if self.timer or self.write_through or ngx.get_phase() == "init" then
         return
     end
@@ -471,30 +450,27 @@ local function start_timer(self, now_please)
         return exit_flush(self)  -- no timer will run: flush now
     end
     local now = ngx.now()
-    if not now_please and self.timer_tried
-       and now - self.timer_tried < REARM_EVERY then
+    if self.timer_tried and now - self.timer_tried < REARM_EVERY then
         return
     end
     self.timer_tried = now
     local gen = (self.gen or 0) + 1
-    local period = self.interval
-    if period then
-        local ok, err = ngx.timer.every(period, tick, self, gen)
-        if not ok then
-            return timer_down(self, err)
-        end
-        self.gen, self.repeating = gen, true
-        return timer_up(self)
+    local period = self.interval or GUARD_PERIOD
+    local ok, err = ngx.timer.every(period, tick, self, gen)
+    if not ok then
+        return timer_down(self, err)
     end
-    return arm_guard(self, GUARD_PERIOD, gen)
+    self.gen, self.timer, self.timer_period, self.tick_synced =
+        gen, true, period, now
+    if self.timer_down then
+        self.timer_down = nil
+        ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
+                self.name, "\" runs again")
+    end
 end
 
 -- Starts the timer again if it is down; cheap enough for incr's slow path.
 local function check_timer(self)
-    if self.timer and not self.repeating
-       and ngx.now() > self.due + GUARD_LATE then
-        self.timer = false  -- a guard whose run was dropped
-    end
     if not self.timer then
         return start_timer(self)
     end
@@ -510,13 +486,17 @@ tick = function(premature, self, gen)
     if gen ~= self.gen then
         return  -- a retired timer
     end
-    if not self.repeating then
-        if not self.interval then
-            return arm_guard(self, GUARD_PERIOD, gen)  -- manual: wait for exit
+    local interval = self.interval
+    if not interval then
+        return  -- manual: waits for exit
+    end
+    if self.timer_period ~= interval then
+        -- The guard of a counter given an interval later: sync when due.
+        local now = ngx.now()
+        if now - self.tick_synced < interval then
+            return
         end
-        -- Hand over to the repeating timer, and sync now.
-        self.timer = false
-        start_timer(self, true)
+        self.tick_synced = now
     end
     if self.syncing then
         return  -- the previous sync still runs

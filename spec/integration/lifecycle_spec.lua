@@ -152,6 +152,39 @@ describe("#integration the automatic sync heals itself", function()
     assert.equal(served, counted)
   end)
 
+  it("a manual counter still flushes at reload after its guard timer's "
+     .. "run was dropped (lua_max_running_timers 1)", function()
+    srv = nginx.start{ workers = 1, http = [[
+      lua_max_running_timers 1;
+      lua_shared_dict d 1m;
+      init_worker_by_lua_block {
+        require("spec.integration.helpers").c =
+          require("resty.counter").new("d")
+      }
+    ]], server = COMMON_SERVER .. [[
+      location = /block {
+        content_by_lua_block {
+          -- An application timer that runs for 2.5 s: the guard's run due
+          -- meanwhile is dropped by nginx.
+          assert(ngx.timer.at(0, function() ngx.sleep(2.5) end))
+        }
+      }
+      location = /hit {
+        content_by_lua_block {
+          require("spec.integration.helpers").c:incr("hits")
+        }
+      }
+    ]] }
+    assert.equal(200, (srv:get("/hit")))  -- "hits" is buffered from here
+    assert.equal(200, (srv:get("/block")))
+    H.sleep(2.7)
+    for _ = 1, 4 do
+      assert.equal(200, (srv:get("/hit")))
+    end
+    srv:reload()
+    assert.equal(5, wait_for(srv, "hits", 5, 3))
+  end)
+
   it("logs a refused timer once and its recovery once", function()
     srv = nginx.start{ workers = 1, http = [[
       lua_max_pending_timers 2;
