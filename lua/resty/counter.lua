@@ -74,6 +74,30 @@ if has_ffi then
     end
 end
 
+-- Whether this Lua VM lives for one request only (lua_code_cache off):
+-- then a buffer would die with the request, and a timer would keep the
+-- whole VM alive, so every increment writes straight to the dict instead.
+-- A load marks both the process (its environment, via setenv: shared by
+-- every VM of the process, invisible to the dict; per subsystem, whose
+-- VMs differ) and the VM (its registry). A load that finds the process
+-- marked with its own pid but the VM unmarked runs in a VM other than the
+-- one that loaded first: a VM per request. The master's mark (init_by_lua)
+-- carries the master's pid, so a worker's first load is not mistaken for
+-- a second; a reload in the same VM (package.loaded cleared, as busted
+-- does between spec files) finds the VM marked and buffers as usual.
+local PER_REQUEST_VM = false
+if has_ffi then
+    local mark = "RESTY_COUNTER_LOADED_BY_" .. (ngx.config.subsystem or "http")
+    local registry = debug.getregistry()
+    local pid = tostring(ngx.worker.pid())
+    if os.getenv(mark) == pid and not registry[mark] then
+        PER_REQUEST_VM = ngx.get_phase() ~= "init"
+    end
+    registry[mark] = true
+    pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
+    pcall(function() ffi.C.setenv(mark, pid, 1) end)
+end
+
 ---------------------------------------------------------------------------
 -- The ABI: the one source of truth for the library's prototypes.
 ---------------------------------------------------------------------------
@@ -196,8 +220,34 @@ local function strerror(rc)
     return ffi.string(lib.resty_counter_strerror(rc))
 end
 
+-- The lua-nginx-module versions whose shdict entry points have the
+-- signatures src/shdict.rs calls (the 9-argument incr): 0.10.12 and later;
+-- for the stream module, 0.0.5 (released with 0.10.13) and later. Versions
+-- as ngx.config.ngx_lua_version gives them (0.10.12 is 10012). Read when
+-- a dict's state is made, so a spec can stub the version before new().
+local MIN_HTTP_LUA, MIN_STREAM_LUA = 10012, 5
+local version_warned = false
+
+local function lua_version_ok()
+    local config = ngx.config
+    local v = tonumber(config.ngx_lua_version)
+    local stream = config.subsystem == "stream"
+    if v and v >= (stream and MIN_STREAM_LUA or MIN_HTTP_LUA) then
+        return true
+    end
+    if not version_warned then
+        version_warned = true
+        ngx.log(ngx.WARN, "resty.counter: ", stream and "stream-" or "",
+                "lua-nginx-module version ", tostring(config.ngx_lua_version),
+                " is outside the supported range (", stream and "0.0.5"
+                or "0.10.12", " and later): counting in pure Lua")
+    end
+    return false
+end
+
 local function is_real_shdict(dict)
     return has_ffi and type(dict) == "table" and type(dict[1]) == "userdata"
+           and lua_version_ok()
 end
 
 local function new_native_handle(dict, name)
@@ -407,57 +457,109 @@ local function sync_sliced(self)
     return end_sync(self, ok, tally)
 end
 
--- One timer per dict and worker, re-armed after each run: it syncs every
--- sync_interval (in slices) and, for every counter, automatic or manual,
--- flushes when the worker exits: lua-nginx-module runs pending timers at
--- once, with premature = true, when a worker shuts down (reload, quit).
+-- One timer per dict and worker, always a repeating one (ngx.timer.every):
+-- nginx re-arms a repeating timer itself, before it checks
+-- lua_max_running_timers and without the lua_max_pending_timers check, so
+-- a busy timer table can drop a run but never stops it. With a
+-- sync_interval it syncs every interval, in slices. A manual counter's
+-- timer (the guard) runs each GUARD_PERIOD and does nothing until the
+-- worker exits; if a later new() gives the counter an interval, the guard
+-- syncs on its runs once the interval has passed (so such a counter syncs
+-- at most once per GUARD_PERIOD). Either way the timer flushes when the
+-- worker exits: lua-nginx-module runs pending timers at once, with
+-- premature = true, when a worker shuts down.
+-- A timer nginx refused is started again by the next new(), sync() or
+-- first increment of a key.
 local tick
+local REARM_EVERY = 0.1         -- seconds between two tries while down
 
-local function arm(self, delay)
-    local ok, err = ngx.timer.at(delay, tick, self)
-    if ok then
-        return
-    end
-    self.timer = false  -- the next new() or first incr tries again
-    if ngx.worker.exiting() then
-        return sync_now(self)  -- no timer will run: flush now
-    end
-    ngx.log(ngx.ERR, "resty.counter: cannot start the timer of shared dict \"",
-            self.name, "\": ", err)
+-- After the exit flush nothing syncs again: write straight to the dict.
+local function exit_flush(self)
+    self.write_through = true
+    return sync_now(self)
 end
 
-tick = function(premature, self)
+local function timer_down(self, err)
+    self.timer = false
+    if not self.timer_down then
+        self.timer_down = true
+        ngx.log(ngx.ERR, "resty.counter: cannot start the timer of shared ",
+                "dict \"", self.name, "\": ", err, "; retrying at the next ",
+                "new(), sync() or increment")
+    end
+end
+
+-- Starts the timer. Each start is a new generation: an older timer still
+-- scheduled retires when it runs.
+local function start_timer(self)
+    if self.timer or self.write_through or ngx.get_phase() == "init" then
+        return
+    end
+    if ngx.worker.exiting() then
+        return exit_flush(self)  -- no timer will run: flush now
+    end
+    local now = ngx.now()
+    if self.timer_tried and now - self.timer_tried < REARM_EVERY then
+        return
+    end
+    self.timer_tried = now
+    local gen = (self.gen or 0) + 1
+    local period = self.interval or GUARD_PERIOD
+    local ok, err = ngx.timer.every(period, tick, self, gen)
+    if not ok then
+        return timer_down(self, err)
+    end
+    self.gen, self.timer, self.timer_period, self.tick_synced =
+        gen, true, period, now
+    if self.timer_down then
+        self.timer_down = nil
+        ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
+                self.name, "\" runs again")
+    end
+end
+
+-- Starts the timer again if it is down; cheap enough for incr's slow path.
+local function check_timer(self)
+    if not self.timer then
+        return start_timer(self)
+    end
+end
+
+tick = function(premature, self, gen)
     if premature or ngx.worker.exiting() then
-        return sync_now(self)
+        if not self.write_through then
+            return exit_flush(self)
+        end
+        return
+    end
+    if gen ~= self.gen then
+        return  -- a retired timer
     end
     local interval = self.interval
     if not interval then
-        return arm(self, GUARD_PERIOD)  -- a manual counter: wait for exit
+        return  -- manual: waits for exit
     end
-    local started = lib.resty_counter_clock()
+    if self.timer_period ~= interval then
+        -- The guard of a counter given an interval later: sync when due.
+        local now = ngx.now()
+        if now - self.tick_synced < interval then
+            return
+        end
+        self.tick_synced = now
+    end
+    if self.syncing then
+        return  -- the previous sync still runs
+    end
+    self.syncing = true
     local ok, err = pcall(sync_sliced, self)
+    self.syncing = nil
     if not ok then
         ngx.log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
                 "\" failed: ", err)
     end
-    if ngx.worker.exiting() then
-        return sync_now(self)
+    if ngx.worker.exiting() and not self.write_through then
+        return exit_flush(self)
     end
-    -- Keep the cadence: the next sync is due one interval after this began.
-    local spent = lib.resty_counter_clock() - started
-    return arm(self, interval > spent and interval - spent or 0.001)
-end
-
--- Starts this worker's timer for a native dict; not in the master (init
--- phase): timers are per worker. The first run differs per worker, so that
--- workers do not all take the dict's lock in the same instant.
-local function start_timer(self)
-    if self.timer or ngx.get_phase() == "init" then
-        return
-    end
-    self.timer = true
-    local spread = (ngx.worker.pid() * 7919 % 1000) / 1000
-    return arm(self, spread * (self.interval or GUARD_PERIOD))
 end
 
 -- Whether this native state still writes through, in the master before
@@ -484,12 +586,12 @@ local function sync_lua(_, self)
         local _, err, forcible = self.dict:incr(k, v, 0)
         if forcible and self.error_metric then
             ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                    k)
+                    printable(k))
             ok = false
         end
         if err then
-            ngx.log(ngx.WARN, "error increasing counter in shdict key: ", k,
-                    ", err: ", err)
+            ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
+                    printable(k), ", err: ", err)
             ok = false
         end
     end
@@ -524,6 +626,8 @@ local function new_state(dict, name)
             return nil, err
         end
         self.handle = h
+        -- A VM per request: no buffer, no timer (see PER_REQUEST_VM).
+        self.write_through = PER_REQUEST_VM
         -- In the master, before fork: write through, so that a count made
         -- in init_by_lua is not copied into, and flushed by, every worker.
         self.direct = ngx.get_phase() == "init"
@@ -556,10 +660,10 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
 
     if self.native then
         if sync_interval and not self.interval then
-            self.interval = sync_interval  -- the timer's next run takes it
+            self.interval = sync_interval  -- the guard's next run takes it
         end
         if not in_master(self) then
-            start_timer(self)
+            check_timer(self)
         end
     elseif sync_interval and not self.interval then
         self.interval = sync_interval
@@ -594,7 +698,9 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if in_master(self) then
+    if self.write_through or in_master(self) then
+        -- Before the fork (master) or after the exit flush: no timer will
+        -- flush a buffer, so write straight to the dict.
         local _, err = incr_init(self.dict, key, step, 0)
         if err then
             ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
@@ -603,10 +709,15 @@ local function incr_slow(self, key, step)
         return true
     end
 
+    if self.native then
+        check_timer(self)  -- the timer is down: try again (rate-limited)
+    end
+
     local buf = self.buf
     local sum = (buf[key] or 0) + step
     if sum - sum ~= 0 then
-        error("bad step: counter \"" .. key .. "\" would overflow", 3)
+        error("bad step: counter \"" .. printable(key)
+              .. "\" would overflow", 3)
     end
     buf[key] = sum
     return true
@@ -639,15 +750,34 @@ end
 
 function _M.sync(self)
     if self.native then
+        check_timer(self)
         return sync_now(self)
     end
     return sync_lua(false, self)
 end
 
+-- Subtracts number from key's value. Refuses a non-finite number, and a
+-- key whose value is not a finite number or would leave the double range
+-- (checked against the value read just before: a concurrent increment in
+-- that instant is not covered), with nil, err: reset never makes a value
+-- non-finite.
 function _M.reset(self, key, number)
     number = tonumber(number)
     if not number or number ~= number then
-        return nil, "expect a number at #2"
+        return nil, "expect a number at #2"  -- the original's message
+    end
+    if number - number ~= 0 then
+        return nil, "expect a finite number at #2"
+    end
+    local cur = self.dict:get(key)
+    if cur ~= nil then
+        if type(cur) ~= "number" or cur - cur ~= 0 then
+            return nil, "value of key is not a finite number"
+        end
+        local after = cur - number
+        if after - after ~= 0 then
+            return nil, "reset would overflow the value of key"
+        end
     end
     if self.native then
         return incr_init(self.dict, key, -number, number)

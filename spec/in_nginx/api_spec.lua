@@ -103,7 +103,9 @@ describe("resty.counter in nginx", function()
     end)
 
     it("refuses bad keys and steps, and corrupts nothing", function()
-        c:incr("k", 1)
+        -- 1e300 + 1e308 differs from 1e308: the sum shows that the first
+        -- 1e308 and the earlier step both arrived.
+        c:incr("k", 1e300)
         local bad = {
             { nil, 1 }, { {}, 1 }, { false, 1 }, { "", 1 },
             { string.rep("x", 65536), 1 }, { 0 / 0, 1 },
@@ -121,7 +123,8 @@ describe("resty.counter in nginx", function()
         -- all but the first 1e308, which fits; the second would overflow
         assert.equal(#bad - 1, errors)
         assert.is_true(c:sync())
-        assert.equal(1 + 1e308, c:get("k"))
+        assert.equal(1e300 + 1e308, c:get("k"))
+        assert.is_true(c:get("k") > 1e308)
         assert.is_nil(c:get(""))
     end)
 
@@ -364,5 +367,68 @@ describe("resty.counter in nginx", function()
         end
         assert.equal(7, c2:get("auto"))
         assert.is_true(c2:stats().syncs >= 1)
+    end)
+
+    it("reset refuses non-finite numbers and never makes a value "
+       .. "non-finite", function()
+        -- NaN keeps the original's message for a non-number.
+        for _, n in ipairs({ "inf", "-inf", math.huge, -math.huge, 0 / 0,
+                             "nan" }) do
+            local num = tonumber(n)
+            local want = (not num or num ~= num) and "expect a number at #2"
+                         or "expect a finite number at #2"
+            local v, err = c:reset("new", n)
+            assert.is_nil(v)
+            assert.equal(want, err)
+            v, err = c:reset("r", n)
+            assert.is_nil(v)
+            assert.equal(want, err)
+        end
+        assert.is_nil(dict:get("new"))
+        -- A value at the edge: the result would leave the double range.
+        dict:set("edge", -1e308)
+        local v, err = c:reset("edge", 1e308)
+        assert.is_nil(v)
+        assert.equal("reset would overflow the value of key", err)
+        assert.equal(-1e308, dict:get("edge"))
+        -- inf written by other code: reset(key, get(key)) is refused and
+        -- the value stays a number (inf), not NaN.
+        dict:set("inf", math.huge)
+        v, err = c:reset("inf", c:get("inf"))
+        assert.is_nil(v)
+        assert.equal("expect a finite number at #2", err)
+        v, err = c:reset("inf", 1)
+        assert.is_nil(v)
+        assert.equal("value of key is not a finite number", err)
+        assert.equal(math.huge, dict:get("inf"))
+        assert.equal(0, c:reset("fin", 0))
+    end)
+
+    it("outside the supported lua-nginx-module versions, counts in pure "
+       .. "Lua and warns once naming the version", function()
+        local config = ngx.config  -- stubbed for this test, then restored
+        local real = config.ngx_lua_version
+        local offset = error_log_size()
+        rawset(config, "ngx_lua_version", 10011)  -- 0.10.11: 8-arg incr
+        local ok, g = pcall(counter.new, "gated")
+        rawset(config, "ngx_lua_version", real)
+        assert(ok, g)
+        assert.equal("lua", g:stats().mode)
+        g:incr("a")
+        g:incr("a", 2)
+        assert.is_true(g:sync())
+        assert.equal(3, ngx.shared.gated:get("a"))
+        -- the pure-Lua sync escapes the keys it logs
+        local forged = "s\n2026/01/01 00:00:00 [info] 1#1: forged"
+        ngx.shared.gated:set(forged, "not a number")
+        g:incr(forged)
+        g:sync()
+        local log = error_log_since(offset)
+        assert.equal(1, count(log, "lua-nginx-module version 10011 is "
+                                   .. "outside the supported range"))
+        assert.equal(1, count(log, "shdict key: s\\x0a2026/01/01"))
+        assert.is_nil(log:find("\n2026/01/01 00:00:00 [info]", 1, true))
+        -- the running version passes the gate
+        assert.equal("native", counter.new("counters"):stats().mode)
     end)
 end)

@@ -23,6 +23,7 @@ local HTTP = [[
   lua_shared_dict tiny_bytes 12k;
   lua_shared_dict evict 64k;
   lua_shared_dict strdict 1m;
+  lua_shared_dict strdict_stats 1m;
   init_worker_by_lua_block {
     local H = require "spec.integration.helpers"
     -- The counter of module `m` ("new" or "orig") on dict `d`, manual.
@@ -280,7 +281,11 @@ describe("#integration full dict", function()
   end)
 
   it("stats() reports every field, and they move with each sync", function()
-    local r = get("/strkey?d=strdict")
+    -- Its own dict: two syncs here, whatever other tests ran.
+    local r = get("/strkey?d=strdict_stats")
+    assert.equal(1, r["stats.syncs"])
+    assert.equal(50, r["stats.keys_flushed"])
+    r = get("/strkey?d=strdict_stats")
     for _, field in ipairs(STATS_FIELDS) do
       assert.is_number(r["stats." .. field], field)
     end
@@ -294,7 +299,7 @@ describe("#integration full dict", function()
       assert.equal(2 * i, r["value.n" .. i])
     end
     -- The original has no stats() at all.
-    local orig = get("/strkey?m=orig&d=strdict")
+    local orig = get("/strkey?m=orig&d=strdict_stats")
     assert.is_nil(orig["stats.syncs"])
     assert.same({}, H.crash_lines(srv:error_log()))
   end)

@@ -27,7 +27,7 @@ local WRK_SECONDS = H.LONG and 8 or 2
 -- become unreachable (get() answers nil, the next incr makes another node).
 -- ngx.shared.DICT:incr(k, v, 0) and the original go through it;
 -- resty.counter creates missing keys with add instead (src/shdict.rs, and
--- the README's Reliability section), which these specs hold it to.
+-- docs/RELIABILITY.md), which these specs hold it to.
 
 -- Pairs of keys with the same CRC-32.
 local COLLIDING = {
