@@ -2,6 +2,9 @@
 # counter in a real nginx. Both install what they need.
 CARGO ?= cargo
 LUAJIT ?= luajit
+LUA51 ?= lua5.1
+LUA52 ?= lua5.2
+BUSTED ?= $(shell command -v busted || echo /usr/bin/busted)
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
         test-long test-rock test-examples test-openresty test-stream \
@@ -30,9 +33,9 @@ test-rust:
 # Pure-Lua specs (stub dicts, no nginx) under LuaJIT and plain Lua 5.1/5.2,
 # as Kong's and nginx-lua-prometheus's unit tests run them.
 test-lua:
-	$(LUAJIT) /usr/bin/busted --run=unit
-	lua5.1 /usr/bin/busted --run=unit
-	lua5.2 /usr/bin/busted --run=unit
+	$(LUAJIT) $(BUSTED) --run=unit
+	$(LUA51) $(BUSTED) --run=unit
+	$(LUA52) $(BUSTED) --run=unit
 
 # Specs that run inside an nginx worker.
 test-nginx: build
@@ -40,10 +43,10 @@ test-nginx: build
 
 # Multi-worker integration specs that drive nginx from outside.
 test-integration: build
-	$(LUAJIT) /usr/bin/busted --run=integration
+	$(LUAJIT) $(BUSTED) --run=integration
 
 test-long: build
-	LONG=1 $(LUAJIT) /usr/bin/busted --run=integration
+	LONG=1 $(LUAJIT) $(BUSTED) --run=integration
 
 # Each config in examples/ passes nginx -t; plain and the prometheus alias run.
 test-examples: build
@@ -61,7 +64,7 @@ test-install-deps:
 # The stream subsystem (a stream {} block): needs an nginx with stream lua,
 # which Debian's has not (the specs then say so and skip).
 test-stream: build
-	$(LUAJIT) /usr/bin/busted --run=stream
+	$(LUAJIT) $(BUSTED) --run=stream
 
 # The nginx specs, integration specs, examples, rock test and stream specs
 # again on OpenResty 1.29.2.3, built (once, cached) by tools/build-openresty
@@ -91,5 +94,7 @@ bench:
 	$(MAKE) build
 	bench/run
 
+# What builds and tests leave behind.
 clean:
 	$(CARGO) clean
+	rm -rf spec/tmp bench/tmp bench/results/quick

@@ -1,4 +1,4 @@
--- Issue 3, point 8: a property test of resty.counter through the shim,
+-- A property test of resty.counter through the shim,
 -- inside a real nginx worker, on ngx.shared.counters2.
 --
 -- Each round draws a random sequence of operations: incr over random keys

@@ -1,4 +1,4 @@
--- Issue 3, point 5: bounded memory under key churn.
+-- Bounded memory under key churn.
 --
 -- One worker (so every request reaches the worker measured) sees a million
 -- distinct keys over time (LONG=1: five million): rounds of 10,000 new

@@ -1,4 +1,4 @@
--- Issue 3, point 2: nothing lost when a worker exits.
+-- Nothing lost when a worker exits.
 --
 -- Two counters of resty.counter: one with a one-hour interval (its first
 -- sync falls at a random point of the first hour, so within the test only

@@ -1,4 +1,4 @@
--- Issue 3, point 3: counted once across fork.
+-- Counted once across fork.
 --
 -- init_by_lua (the master, before the workers fork) increments a key K
 -- times; 4 workers then sync every 0.2 s. The dict must hold K, not 4 K.

@@ -1,4 +1,4 @@
--- Issue 3, point 4 (full dict) and point 6 (visible): one worker, manual
+-- A full dict, and what stats() shows: one worker, manual
 -- counters (no interval), so each sync is the one the spec asks for and
 -- c:stats() describes the worker that served the request.
 --

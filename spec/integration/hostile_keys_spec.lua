@@ -1,4 +1,4 @@
--- Issue 3, point 7: hostile keys.
+-- Hostile keys.
 --
 -- Keys come from request bytes: the X-Keys header carries comma-separated
 -- keys, each %XX-escaped and decoded in the worker with ngx.unescape_uri;

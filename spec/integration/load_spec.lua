@@ -1,4 +1,4 @@
--- Issue 3, point 1: exact under concurrent load.
+-- Exact under concurrent load.
 --
 -- 2 and 4 workers, automatic sync every 0.2 s, wrk on loopback for a few
 -- seconds over three routes. Each request adds, in log_by_lua, 1 to
