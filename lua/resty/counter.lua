@@ -91,7 +91,10 @@ if has_ffi then
     local registry = debug.getregistry()
     local pid = tostring(ngx.worker.pid())
     if os.getenv(mark) == pid and not registry[mark] then
-        PER_REQUEST_VM = ngx.get_phase() ~= "init"
+        -- In the init phase, a worker's per-request VM (init_by_lua runs
+        -- again in each) has a worker id; the master's new VM at a reload
+        -- has none.
+        PER_REQUEST_VM = ngx.get_phase() ~= "init" or ngx.worker.id() ~= nil
     end
     registry[mark] = true
     pcall(ffi.cdef, "int setenv(const char *, const char *, int);")

@@ -86,6 +86,13 @@ describe("resty.counter in nginx", function()
         end
         assert.equal(before + 1, timers())
         assert.equal(0.5, counter.new("stats"):stats().sync_interval)
+        -- the guard of the manual counter syncs the later interval
+        local deadline = ngx.now() + 5
+        while ngx.shared.stats:get("t") ~= 1 and ngx.now() < deadline do
+            ngx.sleep(0.05)
+            ngx.update_time()
+        end
+        assert.equal(1, ngx.shared.stats:get("t"))
     end)
 
     it("throws at the caller's level for a missing dict or bad interval",
