@@ -146,6 +146,22 @@ describe("the native library loader #integration", function()
     end, "is version 0.2.9 %(ABI 1%), but the shim .* is version 0.3.0")
   end)
 
+  it("keeps counting when `install` replaces the loaded library", function()
+    local p = dir .. "/libresty_counter.so"
+    sh("cp " .. LIB .. " " .. p)
+    local srv = start(dir)
+    local _, n = srv:get("/i")
+    assert.equal("1\n", n)
+    local inode = io.popen("stat -c %i " .. p):read("*l")
+    sh("install -m 644 " .. LIB .. " " .. p)
+    assert.not_equal(inode, io.popen("stat -c %i " .. p):read("*l"))
+    for i = 2, 20 do
+      _, n = srv:get("/i")
+      assert.equal(i .. "\n", n)
+    end
+    no_signal(srv)
+  end)
+
   it("loads the library in the workers only, so a reload sees a "
      .. "library replaced by rename", function()
     local p = dir .. "/libresty_counter.so"
