@@ -39,6 +39,7 @@ build = {
    install = {
       lua = {
          ["resty.counter"] = "lua/resty/counter.lua",
+         ["resty.counter.loader"] = "lua/resty/counter/loader.lua",
       },
       lib = {
          libresty_counter = "target/release/libresty_counter.so",

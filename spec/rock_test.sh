@@ -154,4 +154,38 @@ if grep -E '\[(error|crit|alert|emerg)\]' "$prefix/logs/error.log"; then
 else
   pass "error log clean"
 fi
+
+# 5. Upgrade under the running nginx: `luarocks make` again, then reload.
+#    LuaRocks removes the installed file and writes a new one (a new inode)
+#    rather than rewriting it in place, so the workers' mapping of the old
+#    file stays intact: they keep counting, and the reloaded ones load the
+#    file now on disk.
+inode_before=$(stat -c %i "$lib_dir/libresty_counter.so")
+if out=$(CARGO_NET_OFFLINE=true luarocks --lua-version=5.1 --tree="$tree" \
+           make resty-counter-0.3.0-1.rockspec 2>&1); then
+  inode_after=$(stat -c %i "$lib_dir/libresty_counter.so")
+  if [ "$inode_before" != "$inode_after" ]; then
+    pass "luarocks make over an installed library writes a new file (inode $inode_before -> $inode_after)"
+  else
+    fail "luarocks make writes a new file" "same inode $inode_after: rewritten in place"
+  fi
+else
+  fail "luarocks make (reinstall)" "$out"
+fi
+for _ in $(seq 1 50); do get /incr >/dev/null; done
+master=$(cat "$prefix/logs/nginx.pid")
+kill -HUP "$master"
+sleep "$(awk -v i="$sync_interval" 'BEGIN { print 3 * i }')"
+count=$(get /count)
+where=$(get /where)
+if [ "$count" = "$((served + 50))" ] && [ "$where" = "$expected" ]; then
+  pass "after reinstall and reload: $count counted, native from the tree"
+else
+  fail "reinstall and reload" "counted $count of $((served + 50)); where: $(echo "$where" | tr '\n' ' ')"
+fi
+if grep -E 'exited on signal|\[(error|crit|alert|emerg)\]' "$prefix/logs/error.log"; then
+  fail "error log clean after reinstall and reload"
+else
+  pass "error log clean after reinstall and reload"
+fi
 finish

@@ -82,6 +82,13 @@ pub extern "C" fn resty_counter_abi_version() -> u32 {
     ABI_VERSION
 }
 
+/// This library's release (the crate version), a static NUL-terminated
+/// string; the shim refuses a library whose release differs from its own.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
 /// A static, NUL-terminated message for a return code.
 #[unsafe(no_mangle)]
 pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {

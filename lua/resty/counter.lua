@@ -107,6 +107,7 @@ end
 local CDEF = [[
 typedef struct resty_counter_flusher resty_counter_flusher;
 uint32_t resty_counter_abi_version(void);
+const char *resty_counter_version(void);
 const char *resty_counter_strerror(int32_t code);
 double resty_counter_clock(void);
 resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
@@ -145,58 +146,30 @@ local STATS_FIELDS = {
 
 local lib          -- the loaded library, once a real shared dict needs it
 local int32_out, stats_out, end_out
+local cdef_done
 
--- Loads one candidate: the library, or nil and why not (nil: no file).
-local function try_library(path)
-    local f = io.open(path, "rb")
-    if not f then
-        return nil
-    end
-    f:close()
-    local ok, l = pcall(ffi.load, path)
-    if not ok then
-        return nil, tostring(l)
-    end
-    local has, v = pcall(function() return l.resty_counter_abi_version() end)
-    if not has then
-        return nil, "not resty.counter's library"
-    end
-    if v ~= ABI_VERSION then
-        return nil, "abi", tonumber(v)
-    end
-    return l
-end
-
--- Finds the library through package.cpath, the one mechanism, so a source
--- tree (target/release/?.so) and a LuaRocks tree work the same way.
+-- Loads the library on first native use in a worker (never in the master:
+-- see new_state), through package.cpath; see resty.counter.loader.
 local function load_library()
     if lib then
         return lib
     end
-    ffi.cdef(CDEF)
-    local tried = {}
-    for template in package.cpath:gmatch("[^;]+") do
-        if template:find("?", 1, true) then
-            local path = template:gsub("%?", LIB_NAME)
-            local found, why, version = try_library(path)
-            if found then
-                lib = found
-                int32_out = ffi.new("int32_t[1]")
-                stats_out = ffi.new("double[?]", #STATS_FIELDS)
-                end_out = ffi.new("double[1]")
-                return lib
-            end
-            if why == "abi" then
-                return nil, "resty.counter: " .. path .. " implements ABI "
-                            .. version .. ", this shim needs " .. ABI_VERSION
-                            .. ": rebuild or reinstall it"
-            end
-            tried[#tried + 1] = why and path .. " (" .. why .. ")" or path
-        end
+    if not cdef_done then
+        ffi.cdef(CDEF)
+        cdef_done = true
     end
-    return nil, "resty.counter: cannot find " .. LIB_NAME .. ".so in "
-                .. "package.cpath; tried:\n    "
-                .. table.concat(tried, "\n    ")
+    local l, err = require("resty.counter.loader").load(package.cpath, {
+        name = LIB_NAME, abi = ABI_VERSION, version = _M._VERSION,
+        shim = debug.getinfo(1, "S").source:gsub("^@", ""),
+    })
+    if not l then
+        return nil, err
+    end
+    lib = l
+    int32_out = ffi.new("int32_t[1]")
+    stats_out = ffi.new("double[?]", #STATS_FIELDS)
+    end_out = ffi.new("double[1]")
+    return lib
 end
 
 ---------------------------------------------------------------------------
@@ -568,6 +541,8 @@ end
 -- Whether this native state still writes through, in the master before
 -- the fork (see new_state). The first call in a worker switches it to
 -- buffering and starts the worker's timer.
+local sync_lua  -- the fallback when a worker cannot load the library
+
 local function in_master(self)
     if not self.direct then
         return false
@@ -576,6 +551,21 @@ local function in_master(self)
         return true
     end
     self.direct = false
+    if not self.handle then
+        local h, err = new_native_handle(self.dict, self.name)
+        if not h then
+            -- Loud, and no count lost: this worker runs the original
+            -- pure-Lua algorithm for this dict.
+            ngx.log(ngx.ERR, err, "; counting in Lua for shared dict \"",
+                    self.name, "\" in this worker")
+            self.native = false
+            if self.interval then
+                ngx.timer.every(self.interval, sync_lua, self)
+            end
+            return false
+        end
+        self.handle = h
+    end
     start_timer(self)
     return false
 end
@@ -583,7 +573,7 @@ end
 ---------------------------------------------------------------------------
 -- Sync (pure Lua): the original algorithm, for stub dicts and plain Lua.
 ---------------------------------------------------------------------------
-local function sync_lua(_, self)
+function sync_lua(_, self)
     local ok = true
     for k, v in pairs(self.buf) do
         local _, err, forcible = self.dict:incr(k, v, 0)
@@ -624,16 +614,21 @@ local function new_state(dict, name)
         native = is_real_shdict(dict),
     }, mt)
     if self.native then
-        local h, err = new_native_handle(dict, name)
-        if not h then
-            return nil, err
-        end
-        self.handle = h
         -- A VM per request: no buffer, no timer (see PER_REQUEST_VM).
         self.write_through = PER_REQUEST_VM
         -- In the master, before fork: write through, so that a count made
         -- in init_by_lua is not copied into, and flushed by, every worker.
+        -- The master loads no library: each worker loads the file on disk
+        -- at its first native use, so a reload after an upgrade runs the
+        -- new file (or refuses it), never the master's old mapping.
         self.direct = ngx.get_phase() == "init"
+        if not self.direct then
+            local h, err = new_native_handle(dict, name)
+            if not h then
+                return nil, err
+            end
+            self.handle = h
+        end
     end
     return self
 end
@@ -661,6 +656,14 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
         self.error_metric = error_metric_name
     end
 
+    if self.direct and not self.handle and ngx.get_phase() ~= "init" then
+        -- This worker's first use of a dict made in the master.
+        local h, err = new_native_handle(dict, shdict_name)
+        if not h then
+            error(err, 2)
+        end
+        self.handle = h
+    end
     if self.native then
         if sync_interval and not self.interval then
             self.interval = sync_interval  -- the guard's next run takes it
@@ -753,6 +756,9 @@ end
 
 function _M.sync(self)
     if self.native then
+        if not self.handle then
+            return true  -- the master, or a worker before its first incr
+        end
         check_timer(self)
         return sync_now(self)
     end
@@ -805,7 +811,7 @@ function _M.stats(self)
         sync_interval = self.interval,
         slice_pause = SLICE_PAUSE,
     }
-    if self.native then
+    if self.native and self.handle then
         local n = lib.resty_counter_flusher_stats(self.handle, stats_out,
                                                   #STATS_FIELDS)
         for i = 1, n do
