@@ -88,7 +88,11 @@ describe("#integration counted once across fork", function()
 
   it("init_by_lua increments reach the dict once, not once per worker",
      function()
-    assert.equal(WORKERS, #srv:worker_pids())
+    -- A worker takes its title after init_worker_by_lua (where it loads
+    -- the library): wait for all of them rather than look once.
+    assert.is_true(H.poll(10, function()
+      return #srv:worker_pids() == WORKERS
+    end), "fewer than " .. WORKERS .. " workers")
     for _ = 1, HITS do
       assert.equal(200, (srv:get("/hit")))
     end
