@@ -25,7 +25,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 2
+local ABI_VERSION = 3
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -84,20 +84,28 @@ int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok,
                                  double *dropped_in_retry);
-int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
-    size_t n);
+int32_t resty_counter_incr(resty_counter_flusher *h, const unsigned char *key,
+    size_t key_len, double value, double init, double *new_value);
+typedef struct {
+    double pending_keys, pending_bytes, pending_sum, keys_flushed, retries,
+           dropped_deltas, dropped_permanent, dropped_overflow, evictions,
+           failed_writes, syncs, failed_syncs, last_sync_seconds;
+} resty_counter_stats;
+int32_t resty_counter_flusher_stats(resty_counter_flusher *h,
+    resty_counter_stats *out);
 ]]
 _M._CDEF = CDEF  -- read by the ABI drift check
 
+-- The fields of resty_counter_stats, copied into stats() by name.
 local STATS_FIELDS = {
-    "pending_keys", "pending_bytes", "keys_flushed", "retries",
-    "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-    "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
-    "pending_sum",
+    "pending_keys", "pending_bytes", "pending_sum", "keys_flushed",
+    "retries", "dropped_deltas", "dropped_permanent", "dropped_overflow",
+    "evictions", "failed_writes", "syncs", "failed_syncs",
+    "last_sync_seconds",
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out, end_out
+local int32_out, stats_out, end_out, value_out
 
 -- Loads one candidate: the library, or nil and why not (nil: no file).
 local function try_library(path)
@@ -135,8 +143,9 @@ local function load_library()
             if found then
                 lib = found
                 int32_out = ffi.new("int32_t[1]")
-                stats_out = ffi.new("double[?]", #STATS_FIELDS)
+                stats_out = ffi.new("resty_counter_stats")
                 end_out = ffi.new("double[1]")
+                value_out = ffi.new("double[1]")
                 return lib
             end
             if why == "abi" then
@@ -271,25 +280,21 @@ local function swap(self)
     return true
 end
 
--- dict:incr(key, value, init) for a real shared dict, without handing
--- incr an init value: lua-nginx-module links a new node into the tree
--- before copying its key, which corrupts keys with equal CRC32s (see
--- src/shdict.rs). add copies the key first.
-local function incr_init(dict, key, value, init)
-    for _ = 1, 3 do
-        local v, err = dict:incr(key, value)
-        if v or err ~= "not found" then
-            return v, err, false
-        end
-        local ok, add_err, forcible = dict:add(key, init + value)
-        if ok then
-            return init + value, nil, forcible
-        end
-        if add_err ~= "exists" then
-            return nil, add_err, forcible
-        end
+-- dict:incr(key, value, init) on a real shared dict, written by the
+-- library the CRC-safe way (see src/shdict.rs): v, err, forcible.
+local function incr_init(self, key, value, init)
+    if key == nil then
+        return nil, "nil key"
     end
-    return nil, "key keeps vanishing", false
+    if type(key) ~= "string" then
+        key = tostring(key)
+    end
+    local rc = lib.resty_counter_incr(self.handle, key, #key, value, init,
+                                      value_out)
+    if rc == RC_STORED or rc == RC_EVICTED then
+        return tonumber(value_out[0]), nil, rc == RC_EVICTED
+    end
+    return nil, strerror(rc), false
 end
 
 local function begin_sync(self)
@@ -330,22 +335,20 @@ local function end_sync(self, ok, tally)
                 self.name, "\" evicted other entries ", tally.evicted,
                 " times: the dict is too small")
     end
-    if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
-       and stats_out[0] > 0 then
+    if lib.resty_counter_flusher_stats(self.handle, stats_out) == RC_STORED
+       and stats_out.pending_keys > 0 then
         ok = false  -- keys still pending: not every delta arrived
         if ngx.worker.exiting() then
             -- The last sync of this worker: what is pending now is lost.
-            lib.resty_counter_flusher_stats(self.handle, stats_out,
-                                            #STATS_FIELDS)
             ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
-                    tonumber(stats_out[0]), " keys with pending increments ",
-                    "summing ", tonumber(stats_out[#STATS_FIELDS - 1]),
+                    stats_out.pending_keys, " keys with pending increments ",
+                    "summing ", stats_out.pending_sum,
                     " could not be written to shared dict \"", self.name,
                     "\": lost")
         end
     end
     if not ok and self.error_metric then
-        incr_init(self.dict, self.error_metric, 1, 0)
+        incr_init(self, self.error_metric, 1, 0)
     end
     return ok
 end
@@ -575,7 +578,7 @@ local function incr_slow(self, key, step)
     end
 
     if in_master(self) then
-        local _, err = incr_init(self.dict, key, step, 0)
+        local _, err = incr_init(self, key, step, 0)
         if err then
             ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
                     printable(key), ", err: ", err)
@@ -630,7 +633,7 @@ function _M.reset(self, key, number)
         return nil, "expect a number at #2"
     end
     if self.native then
-        return incr_init(self.dict, key, -number, number)
+        return incr_init(self, key, -number, number)
     end
     return self.dict:incr(key, -number, number)
 end
@@ -652,10 +655,11 @@ function _M.stats(self)
         sync_interval = self.interval,
     }
     if self.native then
-        local n = lib.resty_counter_flusher_stats(self.handle, stats_out,
-                                                  #STATS_FIELDS)
-        for i = 1, n do
-            s[STATS_FIELDS[i]] = tonumber(stats_out[i - 1])
+        if lib.resty_counter_flusher_stats(self.handle, stats_out)
+           == RC_STORED then
+            for _, field in ipairs(STATS_FIELDS) do
+                s[field] = stats_out[field]
+            end
         end
     end
     return s
