@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -49,6 +49,27 @@ pub const RC_NO_SYMBOL: i32 = -4;
 pub const RC_BAD_ZONE: i32 = -5;
 /// A Rust panic was caught; nothing crossed into nginx.
 pub const RC_PANIC: i32 = -6;
+
+/// What `resty_counter_flusher_end` reports about the sync it ends; the
+/// cdef declares it as `resty_counter_sync_result`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncResult {
+    /// 1 when every delta arrived and none is pending: the sync's result.
+    pub ok: i32,
+    /// Handed-over deltas that did not arrive (kept or dropped), the cap's
+    /// drops apart; each got a per-key outcome code from `flusher_add`.
+    pub failed: f64,
+    /// Handed-over deltas whose write evicted other entries.
+    pub evicted: f64,
+    /// Deltas dropped because the dict was full and the pending cap reached.
+    pub dropped_cap: f64,
+    /// Pending deltas a retry found refused for good (or not finite).
+    pub dropped_in_retry: f64,
+    /// Keys still pending after the sync, and the sum of their deltas.
+    pub pending_keys: f64,
+    pub pending_sum: f64,
+}
 
 /// What `resty_counter_flusher_stats` reports, by name: the cdef declares
 /// the same struct as `resty_counter_stats` (`tests/abi.rs` checks the two
@@ -297,33 +318,41 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64
     })
 }
 
-/// Ends a sync; `ok` is 0 when the shim saw a key fail. Returns how many
-/// deltas the pending cap dropped during this sync, and writes into
-/// `*dropped_in_retry` (when not NULL) how many pending deltas a retry found
-/// permanently refused and dropped.
+/// Ends a sync and writes what became of it into `*out` (see
+/// [`SyncResult`]). `error_metric` is non-zero when the counter has an
+/// error metric: then a write that evicted other entries fails the sync.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle; `dropped_in_retry` NULL or writable.
+/// `h` must be NULL or a live handle; `out` NULL or writable.
 ///
 /// # Errors
-/// `RC_NULL` or `RC_PANIC` (negative).
+/// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_flusher_end(
     h: *mut Handle,
-    ok: i32,
-    dropped_in_retry: *mut f64,
-) -> f64 {
-    guard(f64::from(RC_PANIC), || {
+    error_metric: i32,
+    out: *mut SyncResult,
+) -> i32 {
+    guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
-            return f64::from(RC_NULL);
+            return RC_NULL;
         };
-        let end = h.flusher.end(ok != 0);
-        // SAFETY: dropped_in_retry is NULL or writable, by the contract.
-        if let Some(out) = unsafe { dropped_in_retry.as_mut() } {
-            *out = end.dropped_in_retry as f64;
-        }
-        end.dropped_cap as f64
+        // SAFETY: out is NULL or writable, by the contract.
+        let Some(out) = (unsafe { out.as_mut() }) else {
+            return RC_NULL;
+        };
+        let end = h.flusher.end(error_metric != 0);
+        *out = SyncResult {
+            ok: i32::from(end.ok),
+            failed: end.failed as f64,
+            evicted: end.evicted as f64,
+            dropped_cap: end.dropped_cap as f64,
+            dropped_in_retry: end.dropped_in_retry as f64,
+            pending_keys: end.pending_keys as f64,
+            pending_sum: end.pending_sum,
+        };
+        RC_STORED
     })
 }
 
@@ -463,9 +492,10 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
             assert_eq!(resty_counter_flusher_retry(ptr::null_mut(), 0.0), RC_NULL);
+            let mut res = SyncResult::default();
             assert_eq!(
-                resty_counter_flusher_end(ptr::null_mut(), 1, ptr::null_mut()),
-                f64::from(RC_NULL)
+                resty_counter_flusher_end(ptr::null_mut(), 1, &mut res),
+                RC_NULL
             );
             let mut out = CStats::default();
             assert_eq!(
@@ -568,9 +598,11 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
             assert_eq!(resty_counter_flusher_retry(hp, 0.0), 0);
-            let mut in_retry = f64::NAN;
-            assert_eq!(resty_counter_flusher_end(hp, 1, &mut in_retry), 0.0);
-            assert_eq!(in_retry, 0.0);
+            let mut res = SyncResult::default();
+            assert_eq!(resty_counter_flusher_end(hp, 1, &mut res), RC_STORED);
+            assert_eq!(res.ok, 1);
+            assert_eq!(res.failed, 0.0);
+            assert_eq!(resty_counter_flusher_end(hp, 1, ptr::null_mut()), RC_NULL);
             let mut out = CStats {
                 pending_sum: f64::NAN,
                 ..CStats::default()

@@ -131,6 +131,7 @@ fn rust_to_c(ty: &str) -> String {
         "*mut i32" => "int32_t*",
         "*mut f64" => "double*",
         "*mut CStats" => "resty_counter_stats*",
+        "*mut SyncResult" => "resty_counter_sync_result*",
         other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
     };
     c.to_string()
@@ -184,6 +185,17 @@ fn cdef_and_exports_agree_on_the_stats_struct() {
         lua,
         rust_struct("CStats"),
         "resty_counter_stats (cdef) and CStats (src/ffi.rs) differ in field order, name or type"
+    );
+}
+
+#[test]
+fn cdef_and_exports_agree_on_the_sync_result_struct() {
+    let lua = cdef_struct("resty_counter_sync_result");
+    assert!(lua.len() >= 7, "parsed too few fields: {lua:?}");
+    assert_eq!(
+        lua,
+        rust_struct("SyncResult"),
+        "resty_counter_sync_result (cdef) and SyncResult (src/ffi.rs) differ"
     );
 }
 
