@@ -730,27 +730,41 @@ pub(crate) mod tests {
             f.add(&[i], 1.0).unwrap();
         }
         f.end(false);
-        f.dict_mut().capacity = None;
-        f.dict_mut().strings.push(vec![0u8]);
-        // The sliced sync retries part of the keys, then a manual sync runs.
+        // The dict stays full: the sliced sync retries one key, then a
+        // manual sync runs; starting over would retry that key twice.
         f.begin();
         let calls = f.dict().calls;
-        let left = f.retry(Some(Duration::ZERO));
+        assert_eq!(f.retry(Some(Duration::ZERO)), 49);
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        f.end(false);
+        assert_eq!(f.retry(None), 0);
+        f.end(false);
+        assert_eq!(f.dict().calls - calls, 50, "each key tried once");
+        // Now every key holds a string: each retry drops one for good. The
+        // drop the sliced part saw before the manual sync joined must still
+        // be reported.
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings = (0..50u8).map(|i| vec![i]).collect();
+        f.begin();
+        assert_eq!(f.retry(Some(Duration::ZERO)), 49);
         f.begin();
         assert_eq!(f.retry(None), 0);
         let manual = f.end(false);
         assert_eq!(f.retry(None), 0);
         let sliced = f.end(false);
-        assert_eq!(f.dict().calls - calls, 50, "each key tried once: {left}");
-        // The drop is reported once, and neither sync claims success.
-        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 1);
+        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 50);
+        assert!(
+            !manual.ok && !sliced.ok,
+            "a sync with drops claimed success"
+        );
         let s = f.stats();
-        assert_eq!((s.syncs, s.failed_syncs), (3, 3));
+        assert_eq!((s.syncs, s.failed_syncs), (5, 5));
         // The next sync starts clean.
         f.begin();
         f.add(b"x", 1.0).unwrap();
-        f.end(false);
-        assert_eq!(f.stats().failed_syncs, 3);
+        assert!(f.end(false).ok);
+        assert_eq!(f.stats().failed_syncs, 5);
     }
 
     #[test]
