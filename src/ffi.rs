@@ -12,12 +12,12 @@ use std::ffi::{c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
-use crate::flush::{DictError, Flusher, Limits, Outcome, Rejected};
+use crate::flush::{DictError, Flusher, Limits, MAX_KEY_LEN, Outcome, Rejected};
 use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 4;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -50,8 +50,47 @@ pub const RC_BAD_ZONE: i32 = -5;
 /// A Rust panic was caught; nothing crossed into nginx.
 pub const RC_PANIC: i32 = -6;
 
-/// Number of fields `resty_counter_flusher_stats` can write.
-pub const STATS_FIELDS: usize = 13;
+/// What `resty_counter_flusher_end` reports about the sync it ends; the
+/// cdef declares it as `resty_counter_sync_result`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncResult {
+    /// 1 when every delta arrived and none is pending: the sync's result.
+    pub ok: i32,
+    /// Handed-over deltas that did not arrive (kept or dropped), the cap's
+    /// drops apart; each got a per-key outcome code from `flusher_add`.
+    pub failed: f64,
+    /// Handed-over deltas whose write evicted other entries.
+    pub evicted: f64,
+    /// Deltas dropped because the dict was full and the pending cap reached.
+    pub dropped_cap: f64,
+    /// Pending deltas a retry found refused for good (or not finite).
+    pub dropped_in_retry: f64,
+    /// Keys still pending after the sync, and the sum of their deltas.
+    pub pending_keys: f64,
+    pub pending_sum: f64,
+}
+
+/// What `resty_counter_flusher_stats` reports, by name: the cdef declares
+/// the same struct as `resty_counter_stats` (`tests/abi.rs` checks the two
+/// agree). Every field is a double so Lua reads a plain number.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CStats {
+    pub pending_keys: f64,
+    pub pending_bytes: f64,
+    pub pending_sum: f64,
+    pub keys_flushed: f64,
+    pub retries: f64,
+    pub dropped_deltas: f64,
+    pub dropped_permanent: f64,
+    pub dropped_overflow: f64,
+    pub evictions: f64,
+    pub failed_writes: f64,
+    pub syncs: f64,
+    pub failed_syncs: f64,
+    pub last_sync_seconds: f64,
+}
 
 /// One worker's flush state for one dict, opaque to C.
 pub struct Handle {
@@ -286,85 +325,139 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64
     })
 }
 
-/// Ends a sync; `ok` is 0 when the shim saw a key fail. Returns how many
-/// deltas the pending cap dropped during this sync, and writes into
-/// `*dropped_in_retry` (when not NULL) how many pending deltas a retry found
-/// permanently refused and dropped.
+/// Ends a sync and writes what became of it into `*out` (see
+/// [`SyncResult`]). `error_metric` is non-zero when the counter has an
+/// error metric: then a write that evicted other entries fails the sync.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle; `dropped_in_retry` NULL or writable.
+/// `h` must be NULL or a live handle; `out` NULL or writable.
 ///
 /// # Errors
-/// `RC_NULL` or `RC_PANIC` (negative).
+/// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_flusher_end(
     h: *mut Handle,
-    ok: i32,
-    dropped_in_retry: *mut f64,
-) -> f64 {
-    guard(f64::from(RC_PANIC), || {
+    error_metric: i32,
+    out: *mut SyncResult,
+) -> i32 {
+    guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
-            return f64::from(RC_NULL);
+            return RC_NULL;
         };
-        let end = h.flusher.end(ok != 0);
-        // SAFETY: dropped_in_retry is NULL or writable, by the contract.
-        if let Some(out) = unsafe { dropped_in_retry.as_mut() } {
-            *out = end.dropped_in_retry as f64;
-        }
-        end.dropped_cap as f64
+        // SAFETY: out is NULL or writable, by the contract.
+        let Some(out) = (unsafe { out.as_mut() }) else {
+            return RC_NULL;
+        };
+        let end = h.flusher.end(error_metric != 0);
+        *out = SyncResult {
+            ok: i32::from(end.ok),
+            failed: end.failed as f64,
+            evicted: end.evicted as f64,
+            dropped_cap: end.dropped_cap as f64,
+            dropped_in_retry: end.dropped_in_retry as f64,
+            pending_keys: end.pending_keys as f64,
+            pending_sum: end.pending_sum,
+        };
+        RC_STORED
     })
 }
 
-/// Writes up to `n` statistics into `out`, in this order: pending_keys,
-/// pending_bytes, keys_flushed, retries, dropped_deltas, dropped_permanent,
-/// evictions, failed_writes, syncs, failed_syncs, last_sync_seconds,
-/// dropped_overflow, pending_sum (the sum of the pending deltas, computed
-/// only when `n` asks for it). Returns how many it wrote.
+/// `dict:incr(key, value, init)` on this handle's dict, the CRC-safe way
+/// the flush writes (incr without init, then add): for `reset` and the
+/// error metric. Writes the new value into `*new_value` (when not NULL).
+/// A sum that would not be finite is refused: the key is saturated, as the
+/// flush does.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle; `out` must have room for `n` doubles.
+/// `h` must be NULL or a live handle; `key` must point at `key_len`
+/// readable bytes; `new_value` NULL or writable.
 ///
 /// # Errors
-/// `RC_NULL` or `RC_PANIC` (negative).
+/// `RC_NULL`, `RC_BAD_KEY`, `RC_BAD_DELTA` (value, init or their sum not
+/// finite; nothing changed), `RC_PANIC`; `RC_RETAINED` (no memory; nothing
+/// is kept), `RC_DROPPED_NOT_A_NUMBER`, `RC_DROPPED_NOT_FINITE`,
+/// `RC_DROPPED_OTHER`; else `RC_STORED` or `RC_STORED_EVICTED`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_stats(
+pub unsafe extern "C" fn resty_counter_incr(
     h: *mut Handle,
-    out: *mut f64,
-    n: usize,
+    key: *const u8,
+    key_len: usize,
+    value: f64,
+    init: f64,
+    new_value: *mut f64,
 ) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live and not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        // SAFETY: the caller guarantees key_len readable bytes at key.
+        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+            return RC_NULL;
+        };
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return RC_BAD_KEY;
+        }
+        if !(value.is_finite() && init.is_finite() && (init + value).is_finite()) {
+            return RC_BAD_DELTA;
+        }
+        match h.flusher.dict_mut().incr_or_add(key, value, init) {
+            Ok((v, w)) => {
+                // SAFETY: new_value is NULL or writable, by the contract.
+                if let Some(out) = unsafe { new_value.as_mut() } {
+                    *out = v;
+                }
+                if w.evicted {
+                    RC_STORED_EVICTED
+                } else {
+                    RC_STORED
+                }
+            }
+            Err(DictError::NoMemory) => RC_RETAINED,
+            Err(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
+            Err(DictError::NotFinite) => RC_DROPPED_NOT_FINITE,
+            Err(DictError::Other) => RC_DROPPED_OTHER,
+        }
+    })
+}
+
+/// Writes this handle's statistics into `*out` (see [`CStats`]);
+/// `pending_sum` is the sum of the pending deltas.
+///
+/// # Safety
+/// `h` must be NULL or a live handle; `out` NULL or writable.
+///
+/// # Errors
+/// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_stats(h: *mut Handle, out: *mut CStats) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live; only read.
         let Some(h) = (unsafe { h.as_ref() }) else {
             return RC_NULL;
         };
-        if out.is_null() {
+        // SAFETY: out is NULL or writable, by the contract.
+        let Some(out) = (unsafe { out.as_mut() }) else {
             return RC_NULL;
-        }
+        };
         let s = h.flusher.stats();
-        let mut fields = [
-            s.pending_keys as f64,
-            s.pending_bytes as f64,
-            s.keys_flushed as f64,
-            s.retries as f64,
-            s.dropped_deltas as f64,
-            s.dropped_permanent as f64,
-            s.evictions as f64,
-            s.failed_writes as f64,
-            s.syncs as f64,
-            s.failed_syncs as f64,
-            s.last_sync_ns as f64 * 1e-9,
-            s.dropped_overflow as f64,
-            0.0,
-        ];
-        if n >= fields.len() {
-            fields[fields.len() - 1] = h.flusher.pending_sum();
-        }
-        let n = n.min(fields.len());
-        // SAFETY: out is non-NULL with room for n >= this many doubles.
-        let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
-        out.copy_from_slice(&fields[..n]);
-        n as i32
+        *out = CStats {
+            pending_keys: s.pending_keys as f64,
+            pending_bytes: s.pending_bytes as f64,
+            pending_sum: h.flusher.pending_sum(),
+            keys_flushed: s.keys_flushed as f64,
+            retries: s.retries as f64,
+            dropped_deltas: s.dropped_deltas as f64,
+            dropped_permanent: s.dropped_permanent as f64,
+            dropped_overflow: s.dropped_overflow as f64,
+            evictions: s.evictions as f64,
+            failed_writes: s.failed_writes as f64,
+            syncs: s.syncs as f64,
+            failed_syncs: s.failed_syncs as f64,
+            last_sync_seconds: s.last_sync_ns as f64 * 1e-9,
+        };
+        RC_STORED
     })
 }
 
@@ -406,16 +499,52 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
             assert_eq!(resty_counter_flusher_retry(ptr::null_mut(), 0.0), RC_NULL);
+            let mut res = SyncResult::default();
             assert_eq!(
-                resty_counter_flusher_end(ptr::null_mut(), 1, ptr::null_mut()),
-                f64::from(RC_NULL)
+                resty_counter_flusher_end(ptr::null_mut(), 1, &mut res),
+                RC_NULL
             );
-            let mut out = [0.0; STATS_FIELDS];
+            let mut out = CStats::default();
             assert_eq!(
-                resty_counter_flusher_stats(ptr::null_mut(), out.as_mut_ptr(), out.len()),
+                resty_counter_flusher_stats(ptr::null_mut(), &mut out),
+                RC_NULL
+            );
+            assert_eq!(
+                resty_counter_incr(ptr::null_mut(), b"k".as_ptr(), 1, 1.0, 0.0, ptr::null_mut()),
                 RC_NULL
             );
             resty_counter_flusher_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn incr_checks_key_and_numbers_through_the_abi() {
+        let mut h = test_handle();
+        let hp: *mut Handle = &mut *h;
+        let mut v = f64::NAN;
+        // SAFETY: hp is live for the whole test; keys are valid slices.
+        unsafe {
+            assert_eq!(
+                resty_counter_incr(hp, ptr::null(), 0, 1.0, 0.0, &mut v),
+                RC_BAD_KEY
+            );
+            let long = vec![b'x'; MAX_KEY_LEN + 1];
+            assert_eq!(
+                resty_counter_incr(hp, long.as_ptr(), long.len(), 1.0, 0.0, &mut v),
+                RC_BAD_KEY
+            );
+            for (value, init) in [(f64::NAN, 0.0), (1.0, f64::INFINITY), (f64::MAX, f64::MAX)] {
+                assert_eq!(
+                    resty_counter_incr(hp, b"k".as_ptr(), 1, value, init, &mut v),
+                    RC_BAD_DELTA
+                );
+            }
+            assert!(v.is_nan(), "a refused call wrote a value");
+            assert_eq!(
+                resty_counter_incr(hp, b"k".as_ptr(), 1, 2.0, 0.0, &mut v),
+                RC_STORED
+            );
+            assert_eq!(v, 2.0);
         }
     }
 
@@ -476,18 +605,20 @@ mod tests {
             );
             assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
             assert_eq!(resty_counter_flusher_retry(hp, 0.0), 0);
-            let mut in_retry = f64::NAN;
-            assert_eq!(resty_counter_flusher_end(hp, 1, &mut in_retry), 0.0);
-            assert_eq!(in_retry, 0.0);
-            let mut out = [f64::NAN; STATS_FIELDS + 2];
-            assert_eq!(
-                resty_counter_flusher_stats(hp, out.as_mut_ptr(), out.len()),
-                STATS_FIELDS as i32
-            );
-            assert_eq!(out[2], 1.0, "keys_flushed");
-            assert_eq!(out[8], 1.0, "syncs");
-            assert!(out[STATS_FIELDS].is_nan(), "wrote past its fields");
-            assert_eq!(resty_counter_flusher_stats(hp, ptr::null_mut(), 3), RC_NULL);
+            let mut res = SyncResult::default();
+            assert_eq!(resty_counter_flusher_end(hp, 1, &mut res), RC_STORED);
+            assert_eq!(res.ok, 1);
+            assert_eq!(res.failed, 0.0);
+            assert_eq!(resty_counter_flusher_end(hp, 1, ptr::null_mut()), RC_NULL);
+            let mut out = CStats {
+                pending_sum: f64::NAN,
+                ..CStats::default()
+            };
+            assert_eq!(resty_counter_flusher_stats(hp, &mut out), RC_STORED);
+            assert_eq!(out.keys_flushed, 1.0);
+            assert_eq!(out.syncs, 1.0);
+            assert_eq!(out.pending_sum, 0.0);
+            assert_eq!(resty_counter_flusher_stats(hp, ptr::null_mut()), RC_NULL);
         }
     }
 

@@ -16,6 +16,14 @@
 //!   cannot grow worker memory without bound; what the cap refuses is
 //!   dropped and counted.
 //!
+//! A sync is [`Flusher::begin`], any number of [`Flusher::add`] and
+//! [`Flusher::retry`] calls, then [`Flusher::end`], which decides whether
+//! the sync succeeded and returns what failed, was dropped or is still
+//! pending: the Flusher owns the sync's state and its result, the shim only
+//! logs and returns it. `add` does not care where a pair comes from, so a
+//! second source (deltas other workers published) can feed the same
+//! write/retry/report path inside the same sync.
+//!
 //! Nothing here is `unsafe`: the dict is a trait, implemented over the nginx
 //! entry point in `shdict.rs` and by a stand-in in the tests.
 
@@ -163,14 +171,29 @@ pub struct Flusher<D> {
     sync_ok: bool,
     dropped_this_sync: u64,
     dropped_in_retry: u64,
+    /// Handed-over deltas that did not arrive (kept or dropped, the cap's
+    /// drops apart) and writes that evicted other entries, since the last
+    /// `end`.
+    failed_this_sync: u64,
+    evicted_this_sync: u64,
     /// Syncs begun and not ended: a manual sync that starts while a sliced
     /// one is between slices joins it instead of starting over.
     active: u32,
 }
 
 /// What [`Flusher::end`] reports about the sync it ends, for the log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SyncEnd {
+    /// Whether every delta of this sync arrived: the sync's return value.
+    pub ok: bool,
+    /// Handed-over deltas that did not arrive (kept pending or dropped),
+    /// the cap's drops apart.
+    pub failed: u64,
+    /// Handed-over deltas whose write evicted other entries.
+    pub evicted: u64,
+    /// Keys still pending after this sync, and the sum of their deltas.
+    pub pending_keys: u64,
+    pub pending_sum: f64,
     /// Deltas the pending cap dropped.
     pub dropped_cap: u64,
     /// Pending deltas a retry found permanently refused, and dropped.
@@ -189,6 +212,8 @@ impl<D: Dict> Flusher<D> {
             sync_started: None,
             sync_ok: true,
             dropped_this_sync: 0,
+            failed_this_sync: 0,
+            evicted_this_sync: 0,
             dropped_in_retry: 0,
             active: 0,
         }
@@ -211,12 +236,16 @@ impl<D: Dict> Flusher<D> {
         self.dropped_in_retry = 0;
     }
 
-    /// Ends a sync begun with [`begin`](Self::begin); `ok` is false when the
-    /// caller saw any key fail. Returns what was dropped since the last
-    /// `end`, for the log, so each drop is reported once. A sync that
+    /// Ends a sync begun with [`begin`](Self::begin) and decides whether it
+    /// succeeded: every delta arrived, none is left pending, and (when
+    /// `evictions_fail`, the shim's error metric is set) no write evicted
+    /// other entries. Returns that and what failed or was dropped since the
+    /// last `end`, for the log, so each is reported once. A sync that
     /// joined a running one fails if the running one failed so far.
-    pub fn end(&mut self, ok: bool) -> SyncEnd {
-        let ok = ok && self.sync_ok;
+    pub fn end(&mut self, evictions_fail: bool) -> SyncEnd {
+        let ok = self.sync_ok
+            && self.pending.is_empty()
+            && !(evictions_fail && self.evicted_this_sync > 0);
         self.stats.syncs += 1;
         if !ok {
             self.stats.failed_syncs += 1;
@@ -228,13 +257,20 @@ impl<D: Dict> Flusher<D> {
             }
             self.sync_ok = true;
         }
-        let dropped = SyncEnd {
+        let end = SyncEnd {
+            ok,
+            failed: self.failed_this_sync,
+            evicted: self.evicted_this_sync,
+            pending_keys: self.pending.len() as u64,
+            pending_sum: self.pending_sum(),
             dropped_cap: self.dropped_this_sync,
             dropped_in_retry: self.dropped_in_retry,
         };
         self.dropped_this_sync = 0;
         self.dropped_in_retry = 0;
-        dropped
+        self.failed_this_sync = 0;
+        self.evicted_this_sync = 0;
+        end
     }
 
     /// Hands one delta over and writes it into the dict.
@@ -261,6 +297,7 @@ impl<D: Dict> Flusher<D> {
                     self.insert_pending(key.into(), old);
                     self.stats.dropped_overflow += 1;
                     self.stats.failed_writes += 1;
+                    self.failed_this_sync += 1;
                     self.sync_ok = false;
                     return Ok(Outcome::DroppedOverflow);
                 }
@@ -365,6 +402,7 @@ impl<D: Dict> Flusher<D> {
         self.stats.keys_flushed += 1;
         if w.evicted {
             self.stats.evictions += 1;
+            self.evicted_this_sync += 1;
             Outcome::StoredEvicted
         } else {
             Outcome::Stored
@@ -392,6 +430,9 @@ impl<D: Dict> Flusher<D> {
                 Outcome::DroppedCap
             }
         };
+        if outcome != Outcome::DroppedCap {
+            self.failed_this_sync += 1;
+        }
         self.refresh_gauges();
         outcome
     }
@@ -478,7 +519,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
         assert_eq!(f.add(b"a", 2.5), Ok(Outcome::Stored));
         assert_eq!(f.add(b"b", -1.0), Ok(Outcome::Stored));
-        assert_eq!(f.end(true).dropped_cap, 0);
+        assert_eq!(f.end(false).dropped_cap, 0);
         assert_eq!(f.dict().nums[&b"a".to_vec()], 3.5);
         assert_eq!(f.dict().nums[&b"b".to_vec()], -1.0);
         let s = f.stats();
@@ -521,7 +562,7 @@ pub(crate) mod tests {
         assert_eq!(f.add(b"b", 2.0), Ok(Outcome::Retained(DictError::NoMemory)));
         // A later delta for a pending key merges into it.
         assert_eq!(f.add(b"b", 3.0), Ok(Outcome::Retained(DictError::NoMemory)));
-        assert_eq!(f.end(true).dropped_cap, 0);
+        assert_eq!(f.end(false).dropped_cap, 0);
         assert_eq!(f.pending_delta(b"b"), Some(5.0));
         assert_eq!(f.pending_sum(), 5.0);
         assert_eq!(f.stats().failed_syncs, 1);
@@ -529,7 +570,7 @@ pub(crate) mod tests {
         f.dict_mut().capacity = None;
         f.begin();
         assert_eq!(f.retry(None), 0);
-        f.end(true);
+        f.end(false);
         assert_eq!(f.dict().nums[&b"b".to_vec()], 5.0);
         assert_eq!(f.pending_delta(b"b"), None);
         let s = f.stats();
@@ -549,7 +590,7 @@ pub(crate) mod tests {
             Ok(Outcome::Dropped(DictError::NotANumber))
         );
         assert_eq!(f.add(b"t", 1.0), Ok(Outcome::Stored));
-        f.end(true);
+        f.end(false);
         assert_eq!(f.pending_delta(b"s"), None);
         let s = f.stats();
         assert_eq!((s.dropped_permanent, s.failed_syncs), (1, 1));
@@ -571,7 +612,7 @@ pub(crate) mod tests {
         for i in 0..10u8 {
             f.add(&[b'k', i], 1.0).unwrap();
         }
-        assert_eq!(f.end(true).dropped_cap, 7);
+        assert_eq!(f.end(false).dropped_cap, 7);
         let s = f.stats();
         assert_eq!((s.pending_keys, s.dropped_deltas), (3, 7));
 
@@ -591,6 +632,38 @@ pub(crate) mod tests {
         }
         assert_eq!(f.stats().pending_keys, 2);
         assert!(f.stats().pending_bytes <= limits.max_bytes as u64);
+    }
+
+    #[test]
+    fn the_flusher_decides_the_result_of_a_sync() {
+        let dict = FakeDict {
+            capacity: Some(2),
+            evict_on: Some(b"e".to_vec()),
+            ..FakeDict::default()
+        };
+        let mut f = flusher(dict);
+        // An eviction fails the sync only for a counter with an error metric.
+        for (evictions_fail, ok) in [(false, true), (true, false)] {
+            f.begin();
+            assert_eq!(f.add(b"e", 1.0), Ok(Outcome::StoredEvicted));
+            let end = f.end(evictions_fail);
+            assert_eq!((end.ok, end.evicted, end.failed), (ok, 1, 0));
+        }
+        assert_eq!(f.stats().failed_syncs, 1);
+        // A delta the full dict refuses is counted, left pending, reported.
+        f.begin();
+        assert_eq!(f.add(b"a", 1.0), Ok(Outcome::Stored));
+        assert_eq!(f.add(b"b", 4.0), Ok(Outcome::Retained(DictError::NoMemory)));
+        let end = f.end(false);
+        assert!(!end.ok);
+        assert_eq!((end.failed, end.pending_keys, end.pending_sum), (1, 1, 4.0));
+        // Once it arrives the next sync succeeds, and the counts start over.
+        f.dict_mut().capacity = None;
+        f.begin();
+        f.retry(None);
+        let end = f.end(true);
+        assert!(end.ok);
+        assert_eq!((end.failed, end.evicted, end.pending_keys), (0, 0, 0));
     }
 
     #[test]
@@ -619,7 +692,7 @@ pub(crate) mod tests {
         for i in 0..2000u16 {
             f.add(&i.to_le_bytes(), 1.0).unwrap();
         }
-        f.end(true);
+        f.end(false);
         f.begin();
         let budget = Some(Duration::from_micros(500));
         let mut calls_made = 0;
@@ -637,7 +710,7 @@ pub(crate) mod tests {
         assert!(calls_made >= 2000 / 26, "{calls_made} slices");
         assert_eq!(f.retry(None), 0);
         assert_eq!(f.dict().calls - start, 2000, "each key tried exactly once");
-        f.end(true);
+        f.end(false);
         assert_eq!(f.stats().pending_keys, 2000);
         // A zero budget still makes progress: one write per call.
         f.begin();
@@ -656,28 +729,42 @@ pub(crate) mod tests {
         for i in 0..50u8 {
             f.add(&[i], 1.0).unwrap();
         }
-        f.end(true);
-        f.dict_mut().capacity = None;
-        f.dict_mut().strings.push(vec![0u8]);
-        // The sliced sync retries part of the keys, then a manual sync runs.
+        f.end(false);
+        // The dict stays full: the sliced sync retries one key, then a
+        // manual sync runs; starting over would retry that key twice.
         f.begin();
         let calls = f.dict().calls;
-        let left = f.retry(Some(Duration::ZERO));
+        assert_eq!(f.retry(Some(Duration::ZERO)), 49);
         f.begin();
         assert_eq!(f.retry(None), 0);
-        let manual = f.end(true);
+        f.end(false);
         assert_eq!(f.retry(None), 0);
-        let sliced = f.end(true);
-        assert_eq!(f.dict().calls - calls, 50, "each key tried once: {left}");
-        // The drop is reported once, and neither sync claims success.
-        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 1);
+        f.end(false);
+        assert_eq!(f.dict().calls - calls, 50, "each key tried once");
+        // Now every key holds a string: each retry drops one for good. The
+        // drop the sliced part saw before the manual sync joined must still
+        // be reported.
+        f.dict_mut().capacity = None;
+        f.dict_mut().strings = (0..50u8).map(|i| vec![i]).collect();
+        f.begin();
+        assert_eq!(f.retry(Some(Duration::ZERO)), 49);
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        let manual = f.end(false);
+        assert_eq!(f.retry(None), 0);
+        let sliced = f.end(false);
+        assert_eq!(manual.dropped_in_retry + sliced.dropped_in_retry, 50);
+        assert!(
+            !manual.ok && !sliced.ok,
+            "a sync with drops claimed success"
+        );
         let s = f.stats();
-        assert_eq!((s.syncs, s.failed_syncs), (3, 3));
+        assert_eq!((s.syncs, s.failed_syncs), (5, 5));
         // The next sync starts clean.
         f.begin();
         f.add(b"x", 1.0).unwrap();
-        f.end(true);
-        assert_eq!(f.stats().failed_syncs, 3);
+        assert!(f.end(false).ok);
+        assert_eq!(f.stats().failed_syncs, 5);
     }
 
     #[test]
@@ -688,12 +775,12 @@ pub(crate) mod tests {
         });
         f.begin();
         f.add(b"s", 1.0).unwrap();
-        f.end(true);
+        f.end(false);
         f.dict_mut().capacity = None;
         f.dict_mut().strings.push(b"s".to_vec());
         f.begin();
         assert_eq!(f.retry(None), 0);
-        assert_eq!(f.end(true).dropped_in_retry, 1);
+        assert_eq!(f.end(false).dropped_in_retry, 1);
         let s = f.stats();
         assert_eq!((s.dropped_permanent, s.pending_keys), (1, 0));
         assert_eq!(s.failed_syncs, 2, "the sync that dropped it failed");
@@ -707,11 +794,11 @@ pub(crate) mod tests {
         });
         f.begin();
         f.add(b"k", f64::MAX).unwrap();
-        f.end(true);
+        f.end(false);
         f.begin();
         assert_eq!(f.add(b"k", f64::MAX), Ok(Outcome::DroppedOverflow));
         assert_eq!(f.pending_delta(b"k"), Some(f64::MAX));
-        f.end(true);
+        f.end(false);
         let s = f.stats();
         assert_eq!((s.dropped_overflow, s.failed_syncs), (1, 2));
     }
@@ -735,7 +822,7 @@ pub(crate) mod tests {
                     0 => {
                         f.begin();
                         f.retry(None);
-                        f.end(true);
+                        f.end(false);
                     }
                     1 => f.dict_mut().capacity = Some((rng.next() % 12) as usize),
                     _ => {
@@ -747,7 +834,7 @@ pub(crate) mod tests {
             f.dict_mut().capacity = None;
             f.begin();
             f.retry(None);
-            f.end(true);
+            f.end(false);
             assert_eq!(f.stats().pending_keys, 0, "round {round}");
             for (k, v) in &model {
                 assert_eq!(

@@ -142,8 +142,35 @@ impl ShDict {
         ShDict { zone, incr, store }
     }
 
-    /// `dict:incr(key, delta)`, no init: `Ok(None)` when the key is missing.
-    fn incr_existing(&mut self, key: &[u8], delta: f64) -> Result<Option<Written>, DictError> {
+    /// `dict:incr(key, value, init)` without handing incr an init (see the
+    /// module docs): adds `value` to the number at `key`, or creates the
+    /// key at `init + value`. Returns the new value and whether other
+    /// entries were evicted. A non-finite sum is refused as in
+    /// [`Dict::incr`].
+    pub fn incr_or_add(
+        &mut self,
+        key: &[u8],
+        value: f64,
+        init: f64,
+    ) -> Result<(f64, Written), DictError> {
+        for _ in 0..ATTEMPTS {
+            if let Some(done) = self.incr_existing(key, value)? {
+                return Ok(done);
+            }
+            if let Some(w) = self.add_new(key, init + value)? {
+                return Ok((init + value, w));
+            }
+        }
+        Err(DictError::Other)
+    }
+
+    /// `dict:incr(key, delta)`, no init: `Ok(None)` when the key is missing,
+    /// else the new value.
+    fn incr_existing(
+        &mut self,
+        key: &[u8],
+        delta: f64,
+    ) -> Result<Option<(f64, Written)>, DictError> {
         let mut value = delta;
         let mut err: *mut c_char = ptr::null_mut();
         let mut forcible: c_int = 0;
@@ -171,9 +198,9 @@ impl ShDict {
                 self.saturate(key, value);
                 return Err(DictError::NotFinite);
             }
-            return Ok(Some(Written { evicted: false }));
+            return Ok(Some((value, Written { evicted: false })));
         }
-        refusal(err, b"not found")
+        refusal(err, b"not found").map(|_| None)
     }
 
     /// Replaces a non-finite number at `key` with the largest finite number
@@ -255,15 +282,7 @@ fn refusal(err: *mut c_char, try_other: &[u8]) -> Result<Option<Written>, DictEr
 
 impl Dict for ShDict {
     fn incr(&mut self, key: &[u8], delta: f64) -> Result<Written, DictError> {
-        for _ in 0..ATTEMPTS {
-            if let Some(w) = self.incr_existing(key, delta)? {
-                return Ok(w);
-            }
-            if let Some(w) = self.add_new(key, delta)? {
-                return Ok(w);
-            }
-        }
-        Err(DictError::Other)
+        self.incr_or_add(key, delta, 0.0).map(|(_, w)| w)
     }
 }
 
@@ -430,6 +449,20 @@ mod tests {
         assert_eq!(d.incr(b"n", -1e308), Err(DictError::NotFinite));
         assert_eq!(zone.map[&b"k".to_vec()], f64::MAX);
         assert_eq!(zone.map[&b"n".to_vec()], -f64::MAX);
+    }
+
+    #[test]
+    fn incr_or_add_creates_at_init_plus_value_and_returns_the_new_value() {
+        let mut zone = Zone::default();
+        let mut d = dict(&mut zone);
+        assert_eq!(
+            d.incr_or_add(b"r", -1.0, 1.0),
+            Ok((0.0, Written { evicted: false }))
+        );
+        assert_eq!(d.incr_or_add(b"r", 5.0, 1.0).map(|(v, _)| v), Ok(5.0));
+        assert_eq!(d.incr_or_add(b"r", -5.0, 5.0).map(|(v, _)| v), Ok(0.0));
+        assert_eq!(zone.map[&b"r".to_vec()], 0.0);
+        assert!(zone.incr_inits.iter().all(|&i| i == 0), "incr with init");
     }
 
     #[test]

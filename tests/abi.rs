@@ -28,10 +28,69 @@ fn cdef_block() -> &'static str {
     &SHIM[start..start + len]
 }
 
+/// The cdef without its struct typedefs (their bodies hold `;` too).
+fn cdef_functions() -> String {
+    let mut s = cdef_block().to_string();
+    while let Some(at) = s.find("typedef struct {") {
+        let end = at + s[at..].find('}').expect("end of a struct") + 1;
+        let semi = end + s[end..].find(';').expect("struct typedef name");
+        s.replace_range(at..=semi, "");
+    }
+    s
+}
+
+/// Fields of the cdef's `typedef struct { ... } name;`, in order, as
+/// (C type, field name).
+fn cdef_struct(name: &str) -> Vec<(String, String)> {
+    let block = cdef_block();
+    let end = block
+        .find(&format!("}} {name};"))
+        .unwrap_or_else(|| panic!("struct {name} in the cdef"));
+    let start = block[..end]
+        .rfind("typedef struct {")
+        .expect("struct start")
+        + 16;
+    let mut out = Vec::new();
+    for decl in block[start..end].split(';').map(squash) {
+        if decl.is_empty() {
+            continue;
+        }
+        let (ty, names) = decl.split_once(' ').expect("type and fields");
+        for field in names.split(',') {
+            out.push((ty.to_string(), field.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Fields of a `#[repr(C)] pub struct name` in src/ffi.rs, as (C type,
+/// field name).
+fn rust_struct(name: &str) -> Vec<(String, String)> {
+    let head = format!(
+        "#[repr(C)]\n#[derive(Debug, Clone, Copy, Default, PartialEq)]\npub struct {name} {{"
+    );
+    let start = EXPORTS
+        .find(&head)
+        .unwrap_or_else(|| panic!("#[repr(C)] struct {name} in src/ffi.rs"))
+        + head.len();
+    let body = &EXPORTS[start..start + EXPORTS[start..].find('}').unwrap()];
+    body.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("pub "))
+        .map(|l| {
+            let (field, ty) = l["pub ".len()..]
+                .trim_end_matches(',')
+                .split_once(':')
+                .unwrap();
+            (rust_to_c(ty), field.trim().to_string())
+        })
+        .collect()
+}
+
 /// Prototypes from the cdef: `ret name(type a, type b);`.
 fn cdef_protos() -> Protos {
     let mut out = Protos::new();
-    for decl in cdef_block().split(';').map(squash) {
+    for decl in cdef_functions().split(';').map(squash) {
         if decl.is_empty() || decl.starts_with("typedef") {
             continue;
         }
@@ -73,6 +132,8 @@ fn rust_to_c(ty: &str) -> String {
         "*mut StageHandle" => "resty_counter_stage*",
         "*mut i32" => "int32_t*",
         "*mut f64" => "double*",
+        "*mut CStats" => "resty_counter_stats*",
+        "*mut SyncResult" => "resty_counter_sync_result*",
         other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
     };
     c.to_string()
@@ -123,6 +184,28 @@ fn cdef_and_exports_agree() {
     for (name, proto) in &lua {
         assert_eq!(Some(proto), rust.get(name), "prototype of {name} differs");
     }
+}
+
+#[test]
+fn cdef_and_exports_agree_on_the_stats_struct() {
+    let lua = cdef_struct("resty_counter_stats");
+    assert!(lua.len() >= 13, "parsed too few fields: {lua:?}");
+    assert_eq!(
+        lua,
+        rust_struct("CStats"),
+        "resty_counter_stats (cdef) and CStats (src/ffi.rs) differ in field order, name or type"
+    );
+}
+
+#[test]
+fn cdef_and_exports_agree_on_the_sync_result_struct() {
+    let lua = cdef_struct("resty_counter_sync_result");
+    assert!(lua.len() >= 7, "parsed too few fields: {lua:?}");
+    assert_eq!(
+        lua,
+        rust_struct("SyncResult"),
+        "resty_counter_sync_result (cdef) and SyncResult (src/ffi.rs) differ"
+    );
 }
 
 #[test]

@@ -25,7 +25,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 2
+local ABI_VERSION = 4
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -118,10 +118,22 @@ int32_t resty_counter_flusher_add(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
-double resty_counter_flusher_end(resty_counter_flusher *h, int32_t ok,
-                                 double *dropped_in_retry);
-int32_t resty_counter_flusher_stats(resty_counter_flusher *h, double *out,
-    size_t n);
+typedef struct {
+    int32_t ok;
+    double failed, evicted, dropped_cap, dropped_in_retry, pending_keys,
+           pending_sum;
+} resty_counter_sync_result;
+int32_t resty_counter_flusher_end(resty_counter_flusher *h,
+    int32_t error_metric, resty_counter_sync_result *out);
+int32_t resty_counter_incr(resty_counter_flusher *h, const unsigned char *key,
+    size_t key_len, double value, double init, double *new_value);
+typedef struct {
+    double pending_keys, pending_bytes, pending_sum, keys_flushed, retries,
+           dropped_deltas, dropped_permanent, dropped_overflow, evictions,
+           failed_writes, syncs, failed_syncs, last_sync_seconds;
+} resty_counter_stats;
+int32_t resty_counter_flusher_stats(resty_counter_flusher *h,
+    resty_counter_stats *out);
 typedef struct resty_counter_stage resty_counter_stage;
 const char *resty_counter_stage_strerror(int32_t code);
 resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
@@ -137,16 +149,16 @@ int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
 ]]
 _M._CDEF = CDEF  -- read by the ABI drift check
 
+-- The fields of resty_counter_stats, copied into stats() by name.
 local STATS_FIELDS = {
-    "pending_keys", "pending_bytes", "keys_flushed", "retries",
-    "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-    "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
-    "pending_sum",
+    "pending_keys", "pending_bytes", "pending_sum", "keys_flushed",
+    "retries", "dropped_deltas", "dropped_permanent", "dropped_overflow",
+    "evictions", "failed_writes", "syncs", "failed_syncs",
+    "last_sync_seconds",
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out, end_out
-local cdef_done
+local int32_out, stats_out, end_out, value_out
 
 -- Loads the library on first native use in a worker (never in the master:
 -- see new_state), through package.cpath; see resty.counter.loader.
@@ -154,9 +166,8 @@ local function load_library()
     if lib then
         return lib
     end
-    if not cdef_done then
-        ffi.cdef(CDEF)
-        cdef_done = true
+    if not pcall(ffi.typeof, "resty_counter_stats") then
+        ffi.cdef(CDEF)  -- once per Lua VM: it declares struct bodies
     end
     local l, err = require("resty.counter.loader").load(package.cpath, {
         name = LIB_NAME, abi = ABI_VERSION, version = _M._VERSION,
@@ -167,8 +178,9 @@ local function load_library()
     end
     lib = l
     int32_out = ffi.new("int32_t[1]")
-    stats_out = ffi.new("double[?]", #STATS_FIELDS)
-    end_out = ffi.new("double[1]")
+    stats_out = ffi.new("resty_counter_stats")
+    end_out = ffi.new("resty_counter_sync_result")
+    value_out = ffi.new("double[1]")
     return lib
 end
 
@@ -244,21 +256,20 @@ end
 ---------------------------------------------------------------------------
 -- Flush (native): hand (key, delta) pairs to Rust, report what happened.
 ---------------------------------------------------------------------------
+-- Logs one key's outcome, at most WARN_LINES_PER_SYNC lines of each kind
+-- per sync (tally counts the kinds); Rust counts and decides the sync's
+-- result, and end_sync logs the summary lines.
 local function report(self, key, rc, tally)
     if rc == RC_EVICTED then
         tally.evicted = tally.evicted + 1
-        if self.error_metric then
-            if tally.evicted <= WARN_LINES_PER_SYNC then
-                ngx.log(ngx.ERR,
-                        "increasing counter in shdict: lru eviction: key=",
-                        printable(key))
-            end
-            return false
+        if self.error_metric and tally.evicted <= WARN_LINES_PER_SYNC then
+            ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
+                    printable(key))
         end
-        return true
+        return
     end
     if rc == RC_DROPPED_CAP then
-        return false  -- counted in Rust, one line per sync
+        return  -- one line per sync, from end_sync
     end
     tally.failed = tally.failed + 1
     if tally.failed <= WARN_LINES_PER_SYNC then
@@ -267,27 +278,26 @@ local function report(self, key, rc, tally)
                 rc == RC_RETAINED and " (kept, retried at the next sync)"
                                   or "")
     end
-    return false
 end
 
 -- Hands the drained buffer over, from self.cursor on. With a budget, stops
 -- after about that many seconds and returns false (not done); the caller
--- yields and comes back. Without, runs to the end.
+-- yields and comes back. Without, runs to the end and returns true.
 local function drain(self, tally, budget)
     local t, h = self.draining, self.handle
     local add = lib.resty_counter_flusher_add
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local ok, n = true, self.drained or 0
+    local n = self.drained or 0
     for key, delta in next, t, self.cursor do
         local rc = add(h, key, #key, delta)
         if rc ~= RC_STORED then
-            ok = report(self, key, rc, tally) and ok
+            report(self, key, rc, tally)
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             self.cursor, self.drained = key, n
-            return ok, false
+            return false
         end
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
@@ -301,7 +311,7 @@ local function drain(self, tally, budget)
         clear_tab(t)
         self.spare = t
     end
-    return ok, true
+    return true
 end
 
 -- Moves the live buffer aside for draining; increments go to a fresh one.
@@ -317,11 +327,9 @@ local function swap(self)
     return true
 end
 
--- dict:incr(key, value, init) for a real shared dict, without handing
--- incr an init value: lua-nginx-module links a new node into the tree
--- before copying its key, which corrupts keys with equal CRC32s (see
--- src/shdict.rs). add copies the key first.
-local function incr_init(dict, key, value, init)
+-- The same in Lua, for the master (init_by_lua), which loads no library:
+-- incr without init, then add, which copies the key before linking it.
+local function incr_init_lua(dict, key, value, init)
     for _ = 1, 3 do
         local v, err = dict:incr(key, value)
         if v or err ~= "not found" then
@@ -338,60 +346,77 @@ local function incr_init(dict, key, value, init)
     return nil, "key keeps vanishing", false
 end
 
+-- dict:incr(key, value, init) on a real shared dict, written by the
+-- library the CRC-safe way (see src/shdict.rs): v, err, forcible.
+-- Without a handle (the master), the Lua version above.
+local function incr_init(self, key, value, init)
+    if key == nil then
+        return nil, "nil key"
+    end
+    if type(key) ~= "string" then
+        key = tostring(key)
+    end
+    if not self.handle then
+        return incr_init_lua(self.dict, key, value, init)
+    end
+    local rc = lib.resty_counter_incr(self.handle, key, #key, value, init,
+                                      value_out)
+    if rc == RC_STORED or rc == RC_EVICTED then
+        return tonumber(value_out[0]), nil, rc == RC_EVICTED
+    end
+    return nil, strerror(rc), false
+end
+
 local function begin_sync(self)
     lib.resty_counter_flusher_begin(self.handle)
     return { failed = 0, evicted = 0 }
 end
 
-local function end_sync(self, ok, tally)
-    local dropped = tonumber(lib.resty_counter_flusher_end(self.handle,
-                                                            ok and 1 or 0,
-                                                            end_out))
-    local dropped_in_retry = tonumber(end_out[0])
-    if dropped_in_retry > 0 then
-        ok = false
+-- Ends the sync in Rust, which decides whether it succeeded, and logs the
+-- per-sync summary lines from what it returns.
+local function end_sync(self, tally)
+    local r = end_out
+    if lib.resty_counter_flusher_end(self.handle, self.error_metric and 1 or 0,
+                                     r) ~= RC_STORED then
+        return false
+    end
+    if r.dropped_in_retry > 0 then
         ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
-                "\" refused ", dropped_in_retry, " pending increments for ",
+                "\" refused ", r.dropped_in_retry, " pending increments for ",
                 "good when retried: dropped")
     end
     if tally.failed > WARN_LINES_PER_SYNC then
         ngx.log(ngx.WARN, "resty.counter: ",
-                tally.failed - WARN_LINES_PER_SYNC, " more keys failed in ",
+                r.failed - WARN_LINES_PER_SYNC, " more keys failed in ",
                 "this sync of shared dict \"", self.name, "\"")
     end
-    if dropped > 0 then
-        ok = false
+    if r.dropped_cap > 0 then
         ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
                 "\" is full and the pending cap is reached: dropped ",
-                dropped, " increments in this sync")
+                r.dropped_cap, " increments in this sync")
     end
     if self.error_metric and tally.evicted > WARN_LINES_PER_SYNC then
         ngx.log(ngx.ERR, "resty.counter: ",
-                tally.evicted - WARN_LINES_PER_SYNC, " more keys evicted ",
+                r.evicted - WARN_LINES_PER_SYNC, " more keys evicted ",
                 "other entries in this sync of shared dict \"", self.name,
                 "\"")
     end
-    if tally.evicted > 0 and not self.error_metric then
+    if r.evicted > 0 and not self.error_metric then
         ngx.log(ngx.WARN, "resty.counter: flushing into shared dict \"",
-                self.name, "\" evicted other entries ", tally.evicted,
+                self.name, "\" evicted other entries ", r.evicted,
                 " times: the dict is too small")
     end
-    if lib.resty_counter_flusher_stats(self.handle, stats_out, 1) == 1
-       and stats_out[0] > 0 then
-        ok = false  -- keys still pending: not every delta arrived
-        if ngx.worker.exiting() then
-            -- The last sync of this worker: what is pending now is lost.
-            lib.resty_counter_flusher_stats(self.handle, stats_out,
-                                            #STATS_FIELDS)
-            ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
-                    tonumber(stats_out[0]), " keys with pending increments ",
-                    "summing ", tonumber(stats_out[#STATS_FIELDS - 1]),
-                    " could not be written to shared dict \"", self.name,
-                    "\": lost")
-        end
+    if r.pending_keys > 0 and ngx.worker.exiting() then
+        -- The last sync of this worker: what is pending now is lost.
+        ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
+                r.pending_keys, " keys with pending increments ",
+                "summing ", r.pending_sum,
+                " could not be written to shared dict \"", self.name,
+                "\": lost")
     end
+    local ok = r.ok ~= 0
     if not ok and self.error_metric then
-        incr_init(self.dict, self.error_metric, 1, 0)
+        incr_init(self, self.error_metric, 1, 0)
     end
     return ok
 end
@@ -400,14 +425,13 @@ end
 local function sync_now(self)
     local tally = begin_sync(self)
     lib.resty_counter_flusher_retry(self.handle, 0)
-    local ok = true
     if self.draining then
-        ok = drain(self, tally, nil)
+        drain(self, tally, nil)
     end
     if swap(self) then
-        ok = drain(self, tally, nil) and ok
+        drain(self, tally, nil)
     end
-    return end_sync(self, ok, tally)
+    return end_sync(self, tally)
 end
 
 -- The automatic sync: slices of about SLICE_SECONDS with a short sleep
@@ -417,20 +441,17 @@ local function sync_sliced(self)
     while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
         ngx.sleep(SLICE_PAUSE)
     end
-    local ok = true
     if not self.draining then
         swap(self)
     end
     -- A manual sync() may finish the drain between two slices; it runs to
     -- the end without yielding, so draining is then nil.
     while self.draining do
-        local slice_ok, done = drain(self, tally, SLICE_SECONDS)
-        ok = slice_ok and ok
-        if not done then
+        if not drain(self, tally, SLICE_SECONDS) then
             ngx.sleep(SLICE_PAUSE)
         end
     end
-    return end_sync(self, ok, tally)
+    return end_sync(self, tally)
 end
 
 -- One timer per dict and worker, always a repeating one (ngx.timer.every):
@@ -707,7 +728,7 @@ local function incr_slow(self, key, step)
     if self.write_through or in_master(self) then
         -- Before the fork (master) or after the exit flush: no timer will
         -- flush a buffer, so write straight to the dict.
-        local _, err = incr_init(self.dict, key, step, 0)
+        local _, err = incr_init(self, key, step, 0)
         if err then
             ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
                     printable(key), ", err: ", err)
@@ -789,7 +810,7 @@ function _M.reset(self, key, number)
         end
     end
     if self.native then
-        return incr_init(self.dict, key, -number, number)
+        return incr_init(self, key, -number, number)
     end
     return self.dict:incr(key, -number, number)
 end
@@ -812,10 +833,11 @@ function _M.stats(self)
         slice_pause = SLICE_PAUSE,
     }
     if self.native and self.handle then
-        local n = lib.resty_counter_flusher_stats(self.handle, stats_out,
-                                                  #STATS_FIELDS)
-        for i = 1, n do
-            s[STATS_FIELDS[i]] = tonumber(stats_out[i - 1])
+        if lib.resty_counter_flusher_stats(self.handle, stats_out)
+           == RC_STORED then
+            for _, field in ipairs(STATS_FIELDS) do
+                s[field] = stats_out[field]
+            end
         end
     end
     return s
