@@ -467,6 +467,14 @@ function _M.start(opts)
     srv:fail_start("nginx did not answer on port " .. srv.port
                    .. " within " .. START_TIMEOUT .. "s")
   end
+  -- A worker takes its title only after init_worker_by_lua, which may load
+  -- libraries: wait until every worker is up, so worker_pids() is whole.
+  if not wait_until(START_TIMEOUT, function()
+    return #srv:worker_pids() == srv.workers
+  end) then
+    srv:fail_start("not all " .. srv.workers .. " workers started within "
+                   .. START_TIMEOUT .. "s")
+  end
   return srv
 end
 
