@@ -307,12 +307,16 @@ describe("#integration lua_code_cache off (a Lua VM per request)", function()
       ]] }
       local ok, err = pcall(function()
         local pid = srv:worker_pids()[1]
+        local function hit()
+          local status, err = srv:get("/hit")
+          assert.equal(200, status, err)
+        end
         for _ = 1, 100 do
-          assert.equal(200, (srv:get("/hit")))
+          hit()
         end
         local before = H.rss_kib(pid)
         for _ = 101, N do
-          assert.equal(200, (srv:get("/hit")))
+          hit()
         end
         local got = wait_for(srv, "hits", N, 5, "counters")
         local after = H.rss_kib(pid)
