@@ -22,7 +22,8 @@
 --
 -- Environment: SCALE_WORKERS ("1 8 16 32"), SCALE_KEYS ("20000 50000"),
 -- SCALE_SECS (4), SCALE_WARM (3), SCALE_ROUNDS (3), SCALE_CONTENDERS,
--- SCALE_OUT (bench/results): scale.csv (every round) and scale.png.
+-- SCALE_OUT (bench/results): scale.csv (every round) and scale.dat (the
+-- medians, one block per K, for bench/scale.gp's scale.png).
 
 package.path = "./?.lua;" .. package.path
 local nginx = require "spec.support.nginx"
@@ -195,7 +196,7 @@ csv:close()
 
 -- Summary: CPU beyond the control, ratio to the original, writes per
 -- interval as a multiple of K.
-local plot = assert(io.open(OUT .. "/scale.dat", "w"))
+local blocks = {}  -- [k] = { header, rows of scale.dat }
 print(("%-4s %-6s %-9s %12s %10s %14s %7s"):format("N", "K", "contender",
       "cpu ms/s", "x orig", "writes/(K)", "errors"))
 for _, n in ipairs(WORKERS) do
@@ -203,7 +204,7 @@ for _, n in ipairs(WORKERS) do
     local r = results[n][k]
     local control = r.control and median(r.control.cpu) or 0
     local orig = r.original and median(r.original.cpu) - control
-    local row = { n, k }
+    local row = { n }
     for _, m in ipairs(CONTENDERS) do
       if m ~= "control" then
         local cpu = median(r[m].cpu) - control
@@ -213,7 +214,20 @@ for _, n in ipairs(WORKERS) do
         row[#row + 1] = ("%.2f"):format(cpu)
       end
     end
-    plot:write(table.concat(row, " "), "\n")
+    if not blocks[k] then
+      local head = { "workers" }
+      for _, m in ipairs(CONTENDERS) do
+        if m ~= "control" then
+          head[#head + 1] = ('"%s, %dk keys"'):format(m, k / 1000)
+        end
+      end
+      blocks[k] = { table.concat(head, " ") }
+    end
+    table.insert(blocks[k], table.concat(row, " "))
   end
+end
+local plot = assert(io.open(OUT .. "/scale.dat", "w"))
+for i, k in ipairs(KEYS) do
+  plot:write(i > 1 and "\n\n" or "", table.concat(blocks[k], "\n"), "\n")
 end
 plot:close()

@@ -12,10 +12,6 @@ assert(raw_path and out_dir, "usage: summarize.lua RAW_CSV OUT_DIR [SECONDS]")
 local fmt = string.format
 
 local samples = {}   -- "figure|mode|size|contender|metric" -> { values }
-local variants = {}
-
-local CORE = { none = true, none2 = true, proj = true, ref = true, plain = true,
-               floor = true, all = true }
 
 for l in io.lines(raw_path) do
     local figure, mode, size, contender, round, metric, value =
@@ -26,10 +22,6 @@ for l in io.lines(raw_path) do
         local id = table.concat({ figure, mode, size, contender, metric }, "|")
         samples[id] = samples[id] or {}
         table.insert(samples[id], tonumber(value))
-        if not CORE[contender] and not variants[contender] then
-            variants[contender] = true
-            variants[#variants + 1] = contender
-        end
     end
 end
 
@@ -103,41 +95,7 @@ local function mode_text(mode)
     return mode == "jit" and "JIT on" or "JIT off"
 end
 
--- Project and variants, for rows that carry a goal.
-local function project_like()
-    local t = { "proj" }
-    for _, v in ipairs(variants) do
-        t[#t + 1] = v
-    end
-    return t
-end
-
--- "proposal" or "diagnostic", from the patch's header (bench/patches).
-local patch_dir = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/patches/"
-local kinds = {}
-local function kind(c)
-    if kinds[c] == nil then
-        kinds[c] = "proposal"
-        local f = io.open(patch_dir .. c .. ".diff")
-        if f then
-            for l in f:lines() do
-                local k = l:match("^kind: (%w+)")
-                if k then
-                    kinds[c] = k
-                    break
-                end
-            end
-            f:close()
-        end
-    end
-    return kinds[c]
-end
-
 local function label(c)
-    if variants[c] then
-        return "proj+" .. c .. (kind(c) == "diagnostic" and " (diagnostic)"
-                                or " (patch)")
-    end
     return ({ proj = "project", ref = "reference", plain = "dict:incr",
               floor = "floor (direct FFI)", none = "no counter",
               none2 = "no counter (A/A control)" })[c] or c
@@ -151,14 +109,11 @@ for _, mode in ipairs({ "jit", "interp" }) do
         if base then
             local limit = mode == "jit" and 1.05 or 1.15
             local name = fmt("hot path, %s keys, %s", size, mode_text(mode))
-            for _, c in ipairs(project_like()) do
-                local v = get("hot", mode, size, c, "ns_per_incr")
-                if v then
-                    row { name = name, contender = label(c), value = v,
-                          unit = "ns/incr", ratio = v / base,
-                          vs = "reference", goal = fmt("<= %.2fx", limit),
-                          pass = v / base <= limit }
-                end
+            local v = get("hot", mode, size, "proj", "ns_per_incr")
+            if v then
+                row { name = name, contender = label("proj"), value = v,
+                      unit = "ns/incr", ratio = v / base, vs = "reference",
+                      goal = fmt("<= %.2fx", limit), pass = v / base <= limit }
             end
             row { name = name, contender = label("ref"), value = base,
                   unit = "ns/incr", ratio = 1, vs = "reference" }
@@ -179,17 +134,15 @@ for _, mode in ipairs({ "jit", "interp" }) do
             local limit = mode == "jit" and 1.15 or 1.8
             local name = fmt("sync, %s keys, %s", size, mode_text(mode))
             local exact = get("sync", mode, size, "all", "wrong_keys") == 0
-            for _, c in ipairs(project_like()) do
-                local v = get("sync", mode, size, c, "ns_per_key")
-                if v then
-                    local ok = all_of("sync", mode, size, c, "ok",
-                                      function(x) return x == 1 end)
-                    row { name = name, contender = label(c), value = v,
-                          unit = "ns/key", ratio = v / base, vs = "floor",
-                          goal = fmt("<= %.2fx", limit),
-                          pass = v / base <= limit and ok and exact,
-                          note = not (ok and exact) and "counts wrong" or nil }
-                end
+            local v = get("sync", mode, size, "proj", "ns_per_key")
+            if v then
+                local ok = all_of("sync", mode, size, "proj", "ok",
+                                  function(x) return x == 1 end)
+                row { name = name, contender = label("proj"), value = v,
+                      unit = "ns/key", ratio = v / base, vs = "floor",
+                      goal = fmt("<= %.2fx", limit),
+                      pass = v / base <= limit and ok and exact,
+                      note = not (ok and exact) and "counts wrong" or nil }
             end
             local r = get("sync", mode, size, "ref", "ns_per_key")
             if r then
@@ -198,22 +151,6 @@ for _, mode in ipairs({ "jit", "interp" }) do
             end
             row { name = name, contender = label("floor"), value = base,
                   unit = "ns/key", ratio = 1, vs = "floor" }
-        end
-    end
-end
-
--- write order (optional figure)
-for _, mode in ipairs({ "jit", "interp" }) do
-    for _, size in ipairs({ "1000", "20000", "100000" }) do
-        local base = get("order", mode, size, "hash", "ns_per_key")
-        if base then
-            local name = fmt("write order, %s keys, %s", size,
-                             mode_text(mode))
-            for _, c in ipairs({ "hash", "created", "crc32" }) do
-                local v = get("order", mode, size, c, "ns_per_key")
-                row { name = name, contender = c .. " order", value = v,
-                      unit = "ns/key", ratio = v / base, vs = "hash order" }
-            end
         end
     end
 end
@@ -250,10 +187,7 @@ for _, n in ipairs(sizes) do
     local size = tostring(n)
     local name = fmt("stall, %dk dirty keys/interval", n / 1000)
     local base = get("stall", "jit", size, "ref", METRIC)
-    local list = project_like()
-    list[#list + 1] = "ref"
-    list[#list + 1] = "none"
-    for _, c in ipairs(list) do
+    for _, c in ipairs({ "proj", "ref", "none" }) do
         local v = get("stall", "jit", size, c, METRIC)
         if v then
             local goal = c ~= "ref" and c ~= "none" and required[n]
@@ -264,6 +198,33 @@ for _, n in ipairs(sizes) do
                   note = fmt("max %.1f ms; I/O probe %.1f ms",
                              max_of("stall", "jit", size, c, "worst_ms"),
                              io or 0 / 0) }
+        end
+    end
+end
+
+-- Stall with pending keys: the dict refuses every key, so each sync
+-- retries every pending delta; same statistic, same goal.
+for id in pairs(samples) do
+    local size = id:match("^stall_pending|jit|(%d+)|proj|" .. METRIC .. "$")
+    if size then
+        local name = fmt("stall, %dk keys pending (dict full)", size / 1000)
+        local pending = get("stall_pending", "jit", size, "proj",
+                            "pending_keys")
+        for _, c in ipairs({ "proj", "none" }) do
+            local v = get("stall_pending", "jit", size, c, METRIC)
+            if v then
+                local goal = c == "proj"
+                local io = get("stall_pending", "jit", size, c,
+                               "io_interval_worst_ms")
+                row { name = name, contender = label(c), value = v,
+                      unit = "ms", goal = when(goal, "<= 2 ms"),
+                      pass = when(goal, v <= 2 and (pending or 0) > 0),
+                      note = fmt("max %.1f ms; I/O probe %.1f ms%s",
+                                 max_of("stall_pending", "jit", size, c,
+                                        "worst_ms"), io or 0 / 0,
+                                 goal and fmt("; %d keys pending",
+                                              pending or 0) or "") }
+            end
         end
     end
 end
@@ -343,18 +304,15 @@ end
 -- Output: the table, summary.csv, stall.dat
 local cols = { "figure", "contender", "median", "ratio", "goal", "result" }
 local lines = {}
-local tally = { project = { 0, 0 }, patch = { 0, 0 } }
+local tally = { 0, 0 }
 for _, r in ipairs(rows) do
     local result = ""
-    local t = r.contender == "project" and tally.project
-              or r.contender:find("(patch)", 1, true) and tally.patch
-              or {}
     if r.pass == true then
         result = "pass"
-        t[1] = (t[1] or 0) + 1
+        tally[1] = tally[1] + 1
     elseif r.pass == false then
         result = "MISS"
-        t[2] = (t[2] or 0) + 1
+        tally[2] = tally[2] + 1
     end
     if r.note then
         result = result .. " (" .. r.note .. ")"
@@ -404,12 +362,7 @@ if sleep0 and sleep0 > 0 then
     print(fmt("note: nginx logged %d \"ngx.sleep(0) called without delayed "
               .. "events patch\" warnings during the stall figure", sleep0))
 end
-print(fmt("goals, project as it is: %d pass, %d miss", tally.project[1],
-          tally.project[2]))
-if tally.patch[1] + tally.patch[2] > 0 then
-    print(fmt("goals, proposed patches (rows where they ran): %d pass, %d miss",
-              tally.patch[1], tally.patch[2]))
-end
+print(fmt("goals: %d pass, %d miss", tally[1], tally[2]))
 if seconds then
     print(fmt("bench/run took %d s", tonumber(seconds)))
 end
@@ -425,7 +378,7 @@ f:close()
 
 -- stall.dat: dirty keys, then worst stall (ms) per contender.
 local plot = {}
-for _, c in ipairs({ "ref", "proj", unpack(variants) }) do
+for _, c in ipairs({ "ref", "proj" }) do
     for _, n in ipairs(sizes) do
         if get("stall", "jit", tostring(n), c, METRIC) then
             plot[#plot + 1] = c
