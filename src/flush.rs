@@ -102,13 +102,6 @@ pub enum Outcome {
     DroppedOverflow,
 }
 
-impl Outcome {
-    /// Whether the delta is in the dict now.
-    pub fn arrived(self) -> bool {
-        matches!(self, Outcome::Stored | Outcome::StoredEvicted)
-    }
-}
-
 /// A caller error: the delta was not accepted and nothing changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -378,11 +371,13 @@ impl<D: Dict> Flusher<D> {
         self.pending.values().map(|p| p.delta).sum()
     }
 
-    /// Pending delta for a key (tests and diagnostics).
+    /// Pending delta for a key.
+    #[cfg(test)]
     pub fn pending_delta(&self, key: &[u8]) -> Option<f64> {
         self.pending.get(key).map(|p| p.delta)
     }
 
+    #[cfg(test)]
     pub fn dict(&self) -> &D {
         &self.dict
     }
