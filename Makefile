@@ -83,6 +83,8 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	luacheck lua spec bench examples
+	shellcheck -S warning spec/run-in-nginx spec/support/nginx-conf spec/*.sh \
+	    tools/* bench/run examples/*.sh .ci/run
 
 demo:
 	tools/install-deps demo
