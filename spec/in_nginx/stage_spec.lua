@@ -146,4 +146,22 @@ describe("the shared stage in nginx", function()
         assert.equal("the zone's name is not the dict's (unknown nginx ABI)",
                      msg, code)
     end)
+
+    it("c:sync() folds what any worker published before it returns",
+       function()
+        local counter = require "resty.counter"
+        local h = assert(stage.attach("stage"))
+        local c = counter.new("stage")  -- manual: no timer folds
+        fold_all(h)
+        local key = "published-then-sync-" .. ngx.now() .. "-"
+                    .. ngx.worker.pid()
+        assert.equal(0, stage.publish(h, key, 5))
+        assert.is_nil(dict:get(key))
+        assert.is_true(c:sync())
+        assert.equal(5, dict:get(key))
+        local s = c:stats()
+        assert.is_true(s.stage)
+        assert.is_true(s.folded >= 1)
+        assert.is_true(s.stage_fill >= 1)
+    end)
 end)
