@@ -137,7 +137,7 @@ end
 -- the keys keeps probing short. Its bytes come out of the dict's zone, so
 -- the dict grows by as much (for every contender, to compare like with like).
 local function stage_bytes(k)
-  return k * 192 * 2 + (1 << 20)
+  return k * 192 * 2 + 1048576
 end
 
 local function measure(mode, n, k)
