@@ -16,7 +16,8 @@
 --   original  the original algorithm (bench/reference_counter.lua): every
 --             worker writes every key into the dict each interval, so its
 --             writes per interval are N x K by construction
---   project   resty.counter as configured by default
+--   project   resty.counter as configured by default, its stage sized for K
+--             ({ stage_bytes = ... }: 2 slots of 192 bytes per key)
 --   direct    resty.counter with the shared stage off (each worker flushes
 --             its own keys into the dict)
 --
@@ -62,7 +63,8 @@ init_worker_by_lua_block {
     if mode == "original" then
         c = require("bench.reference_counter").new("scale", 1)
     elseif mode == "project" then
-        c = assert(require("resty.counter").new("scale", 1))
+        c = assert(require("resty.counter").new("scale", 1, nil,
+                                                { stage_bytes = ${STAGE_BYTES} }))
     elseif mode == "direct" then
         c = assert(require("resty.counter").new("scale", 1, nil,
                                                 { stage = false }))
@@ -132,12 +134,21 @@ local function writes(srv)
   return tonumber(body)
 end
 
+-- The stage holds each key once in a 192-byte slot; twice the slots of
+-- the keys keeps probing short. Its bytes come out of the dict's zone, so
+-- the dict grows by as much (for every contender, to compare like with like).
+local function stage_bytes(k)
+  return k * 192 * 2 + 1048576
+end
+
 local function measure(mode, n, k)
   local dict_mb = math.max(16, math.ceil(k * 600 / 1e6) + 8)
+                  + math.ceil(stage_bytes(k) / 2^20)
   local srv = nginx.start{
     workers = n,
     http = (HTTP:gsub("%${([%w_]+)}", { MODE = mode, KEYS = tostring(k),
-                                     DICT_MB = tostring(dict_mb) })),
+                                     DICT_MB = tostring(dict_mb),
+                                     STAGE_BYTES = tostring(stage_bytes(k)) })),
     server = SERVER,
   }
   socket.sleep(WARM)

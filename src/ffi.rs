@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -94,7 +94,7 @@ pub struct CStats {
 
 /// One worker's flush state for one dict, opaque to C.
 pub struct Handle {
-    flusher: Flusher<ShDict>,
+    pub(crate) flusher: Flusher<ShDict>,
 }
 
 /// Runs `f`, turning a panic into `on_panic`.
@@ -102,7 +102,7 @@ fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
 
-fn outcome_code(o: Outcome) -> i32 {
+pub(crate) fn outcome_code(o: Outcome) -> i32 {
     match o {
         Outcome::Stored => RC_STORED,
         Outcome::StoredEvicted => RC_STORED_EVICTED,

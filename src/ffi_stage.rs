@@ -11,8 +11,8 @@ use std::ffi::{CStr, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
-use crate::flush::Dict;
-use crate::shdict::ShDict;
+use crate::ffi::Handle;
+use crate::flush::{Outcome, Rejected};
 use crate::stage::{Lease, Published};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
 
@@ -44,13 +44,16 @@ pub const RC_BAD_STAGE: i32 = RC_ATTACH - ATTACH_ERRORS.len() as i32;
 
 /// Number of fields `resty_counter_stage_info` can write.
 pub const INFO_FIELDS: usize = 18;
+/// Number of fields `resty_counter_stage_fold` writes.
+pub const FOLD_FIELDS: usize = 3;
+/// Slots folded between two looks at the clock in a budgeted fold.
+const FOLD_CHUNK: usize = 64;
 
 /// One worker's attachment to one dict's stage, opaque to C.
 pub struct StageHandle {
     zs: ZoneStage,
-    dict: ShDict,
     cursor: usize,
-    dict_failures: u64,
+    folded: u64,
 }
 
 /// Runs `f`, turning a panic into `on_panic` (the guard of ffi.rs).
@@ -96,7 +99,9 @@ pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {
     msg.as_ptr()
 }
 
-/// Finds or makes the stage of a dict and registers this worker.
+/// Finds or makes the stage of a dict and registers this worker. A stage
+/// made now takes `stage_bytes` bytes of the zone (0: an eighth of it; see
+/// `zone::stage_bytes_for`); an existing stage is joined whatever its size.
 ///
 /// # Safety
 /// `subsystem` and `name` must point at their lengths of readable bytes;
@@ -112,6 +117,7 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
     zone_udata: *mut c_void,
     name: *const u8,
     name_len: usize,
+    stage_bytes: f64,
     err: *mut i32,
 ) -> *mut StageHandle {
     let mut code = RC_PANIC;
@@ -123,29 +129,24 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
             code = RC_NULL;
             return ptr::null_mut();
         };
+        let asked = if stage_bytes.is_finite() && stage_bytes >= 1.0 {
+            stage_bytes as usize
+        } else {
+            0
+        };
         // SAFETY: the caller guarantees zone_udata is this dict's dict[1].
-        let zs = match unsafe { ZoneStage::attach(sub, zone_udata, name) } {
+        let zs = match unsafe { ZoneStage::attach(sub, zone_udata, name, asked) } {
             Ok(zs) => zs,
             Err(e) => {
                 code = attach_code(e);
                 return ptr::null_mut();
             }
         };
-        // SAFETY: as above; attach succeeded, so the entry points exist.
-        let dict = match unsafe { ShDict::open(sub, zone_udata) } {
-            Ok(d) => d,
-            Err(_) => {
-                zs.leave();
-                code = attach_code(AttachError::NoSymbol);
-                return ptr::null_mut();
-            }
-        };
         code = 0;
         Box::into_raw(Box::new(StageHandle {
             zs,
-            dict,
             cursor: 0,
-            dict_failures: 0,
+            folded: 0,
         }))
     });
     if !err.is_null() {
@@ -203,62 +204,103 @@ pub unsafe extern "C" fn resty_counter_stage_publish(
     })
 }
 
-/// Takes or renews the fold lease for `lease_ms`, then folds up to
-/// `max_slots` slots (0: a whole round) into the dict. Returns how many
-/// deltas it wrote. A dict write that fails is counted (info field 16) and
-/// the delta dropped: this is the proof-of-attach fold; the sync's fold
-/// hands deltas to the Flusher instead.
+/// Folds the stage into the dict through the flusher `f`: every folded
+/// (key, delta) goes through `Flusher::add`, as a direct write would
+/// (transient failures kept pending and retried, permanent ones dropped
+/// and counted, caps, evictions, non-finite saturation).
+///
+/// `whole == 0`: the automatic fold. Takes or renews the lease for
+/// `lease_ms` (else `RC_BUSY`), then folds from this worker's cursor until
+/// about `budget` seconds have passed or the round ends. `whole != 0`: the
+/// manual and exit fold. Tries the lease but folds one whole round from
+/// slot 0 either way (a second folder is harmless: each delta is taken by
+/// one CAS), without a budget.
+///
+/// Writes `FOLD_FIELDS` doubles into `out` (NULL: none): deltas written,
+/// of which written with evictions, and deltas not written (kept pending
+/// or dropped; the flusher's stats tell which).
 ///
 /// # Safety
-/// `h` must be NULL or live.
+/// `h` and `f` must be NULL or live; `out` NULL or room for `FOLD_FIELDS`.
 ///
 /// # Errors
-/// `RC_NULL`, `RC_PANIC`, `RC_BUSY` (another worker holds the lease).
+/// `RC_NULL`, `RC_PANIC`, `RC_BUSY`; else 1 (the round ended) or 0 (the
+/// budget ran out first: call again).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_stage_fold(
     h: *mut StageHandle,
-    max_slots: u32,
+    f: *mut Handle,
+    whole: i32,
     lease_ms: u32,
+    budget: f64,
+    out: *mut f64,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live, not aliased during the call.
-        let Some(h) = (unsafe { h.as_mut() }) else {
+        // SAFETY: h and f are NULL or live, not aliased during the call.
+        let (Some(h), Some(f)) = (unsafe { h.as_mut() }, unsafe { f.as_mut() }) else {
             return RC_NULL;
         };
         let st = h.zs.stage;
         let me = h.zs.worker;
-        if let Lease::Busy { .. } = st.lease(me.pid(), now_ms(), u64::from(lease_ms)) {
+        let held = matches!(
+            st.lease(me.pid(), now_ms(), u64::from(lease_ms)),
+            Lease::Held { .. }
+        );
+        if !held && whole == 0 {
             return RC_BUSY;
         }
         st.reap_dead(&alive);
         let _ = h.zs.ensure_key();
-        let whole = max_slots == 0;
-        let mut written = 0i32;
-        let (dict, failures) = (&mut h.dict, &mut h.dict_failures);
-        loop {
-            let limit = if whole {
-                usize::MAX
+        let flusher = &mut f.flusher;
+        let mut tally = [0u64; FOLD_FIELDS];
+        let mut sink = |key: &[u8], delta: f64| match flusher.add(key, delta) {
+            Ok(Outcome::Stored) => tally[0] += 1,
+            Ok(Outcome::StoredEvicted) => {
+                tally[0] += 1;
+                tally[1] += 1;
+            }
+            Ok(_) | Err(Rejected::BadKey | Rejected::BadDelta) => tally[2] += 1,
+        };
+        let done = if whole != 0 {
+            let mut cursor = 0usize;
+            while !st.fold(me, &mut cursor, usize::MAX, &alive, &mut sink).done {}
+            true
+        } else {
+            let start = std::time::Instant::now();
+            let budget = if budget.is_finite() && budget > 0.0 {
+                budget
             } else {
-                max_slots as usize
+                0.0
             };
-            let f = st.fold(me, &mut h.cursor, limit, &alive, |key, delta| {
-                match dict.incr(key, delta) {
-                    Ok(_) => written = written.saturating_add(1),
-                    Err(_) => *failures += 1,
+            loop {
+                if st
+                    .fold(me, &mut h.cursor, FOLD_CHUNK, &alive, &mut sink)
+                    .done
+                {
+                    break true;
                 }
-            });
-            if f.done || !whole {
-                break;
+                if start.elapsed().as_secs_f64() >= budget {
+                    break false;
+                }
+            }
+        };
+        h.folded += tally[0];
+        if !out.is_null() {
+            // SAFETY: out is non-NULL with room for FOLD_FIELDS doubles.
+            let out = unsafe { std::slice::from_raw_parts_mut(out, FOLD_FIELDS) };
+            for (o, t) in out.iter_mut().zip(tally) {
+                *o = t as f64;
             }
         }
-        written
+        i32::from(done)
     })
 }
 
 /// Writes up to `n` fields into `out`: offset, pool address, slots, key
 /// bytes, created (1/0), lease owner pid, published, folded, full,
 /// too_long, reclaimed, lost_events, lost_amount, fill, fold_rounds,
-/// takeovers, dict_failures, this worker's pid. Returns how many.
+/// takeovers, deltas this worker folded into the dict, this worker's pid.
+/// Returns how many.
 ///
 /// # Safety
 /// `h` must be NULL or live; `out` must have room for `n` doubles.
@@ -299,7 +341,7 @@ pub unsafe extern "C" fn resty_counter_stage_info(
             s.fill as f64,
             s.fold_rounds as f64,
             s.takeovers as f64,
-            h.dict_failures as f64,
+            h.folded as f64,
             f64::from(h.zs.worker.pid()),
         ];
         let n = n.min(fields.len());
@@ -322,7 +364,17 @@ mod tests {
                 resty_counter_stage_publish(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
                 RC_NULL
             );
-            assert_eq!(resty_counter_stage_fold(ptr::null_mut(), 0, 100), RC_NULL);
+            assert_eq!(
+                resty_counter_stage_fold(
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                    1,
+                    100,
+                    0.0,
+                    ptr::null_mut()
+                ),
+                RC_NULL
+            );
             let mut out = [0.0; INFO_FIELDS];
             assert_eq!(
                 resty_counter_stage_info(ptr::null_mut(), out.as_mut_ptr(), out.len()),
@@ -344,6 +396,7 @@ mod tests {
                 (&mut udata as *mut u8).cast(),
                 b"d".as_ptr(),
                 1,
+                0.0,
                 &mut err,
             )
         };
@@ -357,6 +410,7 @@ mod tests {
                 ptr::null_mut(),
                 ptr::null(),
                 3,
+                0.0,
                 &mut err,
             )
         };

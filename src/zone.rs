@@ -160,10 +160,18 @@ fn lookup(name: &str) -> Option<NonNull<c_void>> {
     NonNull::new(unsafe { libc::dlsym(libc::RTLD_DEFAULT, cname.as_ptr()) })
 }
 
-/// Bytes of stage for a zone of `zone_size` bytes: a quarter of the zone,
-/// at most [`MAX_STAGE_BYTES`]; 0 when that is under [`MIN_STAGE_BYTES`].
-pub fn stage_bytes_for(zone_size: usize) -> usize {
-    let b = (zone_size / 4).min(MAX_STAGE_BYTES) & !4095;
+/// Bytes of stage for a zone of `zone_size` bytes: an eighth of the zone
+/// (the rest stays the users' keys), at most [`MAX_STAGE_BYTES`]; 0 when
+/// that is under [`MIN_STAGE_BYTES`]. `asked` (non-zero: the `stage_bytes`
+/// option) replaces the eighth, still within the bounds and at most half
+/// the zone.
+pub fn stage_bytes_for(zone_size: usize, asked: usize) -> usize {
+    let want = if asked == 0 {
+        zone_size / 8
+    } else {
+        asked.min(zone_size / 2)
+    };
+    let b = want.min(MAX_STAGE_BYTES) & !4095;
     if b < MIN_STAGE_BYTES { 0 } else { b }
 }
 
@@ -275,6 +283,7 @@ impl ZoneStage {
         subsystem: &[u8],
         zone_udata: *mut c_void,
         dict_name: &[u8],
+        asked_bytes: usize,
     ) -> Result<Self, AttachError> {
         if zone_udata.is_null() {
             return Err(AttachError::BadZone);
@@ -315,7 +324,7 @@ impl ZoneStage {
             };
             let zone = NonNull::new(zone).ok_or(AttachError::BadZone)?;
             // SAFETY: zone came from the module for a live dict.
-            return unsafe { Self::attach_zone(zone, dict_name, entries) };
+            return unsafe { Self::attach_zone(zone, dict_name, entries, asked_bytes) };
         }
         Err(AttachError::NoSymbol)
     }
@@ -326,6 +335,7 @@ impl ZoneStage {
         zone: NonNull<c_void>,
         dict_name: &[u8],
         entries: Entries,
+        asked_bytes: usize,
     ) -> Result<Self, AttachError> {
         // SAFETY: forwarded contract.
         let (addr, size) = unsafe { zone_memory(zone, dict_name) }?;
@@ -345,7 +355,7 @@ impl ZoneStage {
             let (p, stage) = match made {
                 Some(m) => m,
                 None => {
-                    let m = make_stage(addr, size, entries)?;
+                    let m = make_stage(addr, size, entries, asked_bytes)?;
                     made = Some(m);
                     m
                 }
@@ -409,8 +419,9 @@ fn make_stage(
     addr: usize,
     size: usize,
     entries: Entries,
+    asked_bytes: usize,
 ) -> Result<(*mut c_void, Stage<'static>), AttachError> {
-    let bytes = stage_bytes_for(size);
+    let bytes = stage_bytes_for(size, asked_bytes);
     if bytes == 0 {
         return Err(AttachError::ZoneTooSmall);
     }
@@ -524,10 +535,13 @@ mod tests {
 
     #[test]
     fn stage_size_is_a_bounded_quarter_of_the_zone() {
-        assert_eq!(stage_bytes_for(128 << 10), 0, "too small");
-        assert_eq!(stage_bytes_for(256 << 10), 64 << 10);
-        assert_eq!(stage_bytes_for(16 << 20), 4 << 20);
-        assert_eq!(stage_bytes_for(1 << 30), MAX_STAGE_BYTES);
+        assert_eq!(stage_bytes_for(256 << 10, 0), 0, "too small");
+        assert_eq!(stage_bytes_for(512 << 10, 0), 64 << 10);
+        assert_eq!(stage_bytes_for(16 << 20, 0), 2 << 20);
+        assert_eq!(stage_bytes_for(1 << 30, 0), MAX_STAGE_BYTES);
+        assert_eq!(stage_bytes_for(16 << 20, 1 << 20), 1 << 20, "asked");
+        assert_eq!(stage_bytes_for(1 << 20, 1 << 30), 512 << 10, "half at most");
+        assert_eq!(stage_bytes_for(16 << 20, 1000), 0, "asked too little");
         let slots = Params::slots_for((4 << 20) / 8, KEY_WORDS, REGISTRY);
         assert!(slots > 18_000, "{slots} slots in 4 MiB");
     }
@@ -604,13 +618,13 @@ mod tests {
     fn attach_outside_nginx_refuses() {
         let mut byte = 0u8;
         // SAFETY: (test) no entry point exists, so the pointer is not read.
-        let r = unsafe { ZoneStage::attach(b"http", (&mut byte as *mut u8).cast(), b"x") };
+        let r = unsafe { ZoneStage::attach(b"http", (&mut byte as *mut u8).cast(), b"x", 0) };
         assert!(matches!(
             r,
             Err(AttachError::NoSlab | AttachError::NoSymbol)
         ));
         // SAFETY: (test) NULL is refused first.
-        let r = unsafe { ZoneStage::attach(b"http", ptr::null_mut(), b"x") };
+        let r = unsafe { ZoneStage::attach(b"http", ptr::null_mut(), b"x", 0) };
         assert_eq!(r.unwrap_err(), AttachError::BadZone);
     }
 

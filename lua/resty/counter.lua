@@ -25,7 +25,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 4
+local ABI_VERSION = 5
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -38,6 +38,9 @@ local KEEP_SPARE_MAX = 16384    -- larger buffers are recycled only if steady
 local GUARD_PERIOD = 1          -- a manual counter's timer: waits for exit
 
 local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
+local STAGED = 0                -- resty_counter_stage_publish: in the stage
+local LEASE_INTERVALS = 3       -- the fold lease lasts this many intervals
+local FOLD_FIELDS, INFO_FIELDS = 3, 18
 
 local clear_tab
 do
@@ -138,12 +141,13 @@ typedef struct resty_counter_stage resty_counter_stage;
 const char *resty_counter_stage_strerror(int32_t code);
 resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
     size_t subsystem_len, void *zone_udata, const unsigned char *name,
-    size_t name_len, int32_t *err);
+    size_t name_len, double stage_bytes, int32_t *err);
 void resty_counter_stage_free(resty_counter_stage *h);
 int32_t resty_counter_stage_publish(resty_counter_stage *h,
     const unsigned char *key, size_t key_len, double delta);
-int32_t resty_counter_stage_fold(resty_counter_stage *h, uint32_t max_slots,
-    uint32_t lease_ms);
+int32_t resty_counter_stage_fold(resty_counter_stage *h,
+    resty_counter_flusher *f, int32_t whole, uint32_t lease_ms, double budget,
+    double *out);
 int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
     size_t n);
 ]]
@@ -158,7 +162,7 @@ local STATS_FIELDS = {
 }
 
 local lib          -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out, end_out, value_out
+local int32_out, stats_out, end_out, value_out, fold_out, info_out
 
 -- Loads the library on first native use in a worker (never in the master:
 -- see new_state), through package.cpath; see resty.counter.loader.
@@ -181,6 +185,8 @@ local function load_library()
     stats_out = ffi.new("resty_counter_stats")
     end_out = ffi.new("resty_counter_sync_result")
     value_out = ffi.new("double[1]")
+    fold_out = ffi.new("double[?]", FOLD_FIELDS)
+    info_out = ffi.new("double[?]", INFO_FIELDS)
     return lib
 end
 
@@ -253,6 +259,54 @@ local function new_native_handle(dict, name)
     return ffi.gc(h, function(p) l.resty_counter_flusher_free(p) end)
 end
 
+-- The dict's shared stage (src/stage.rs, docs/DESIGN.md), attached at this
+-- worker's first native sync, never in the master. Off by default with one
+-- worker (writing directly is cheaper there); { stage = true/false } in
+-- new() decides instead. false: the direct path, after one WARN if the
+-- stage cannot be had.
+local function stage_of(self)
+    local st = self.stage
+    if st ~= nil then
+        return st
+    end
+    if ngx.get_phase() == "init" then
+        return false
+    end
+    local want = self.stage_opt
+    if want == nil then
+        want = ngx.worker.count() > 1
+    end
+    if not want then
+        self.stage = false
+        return false
+    end
+    local l, sub, name = lib, ngx.config.subsystem or "http", self.name
+    local h = l.resty_counter_stage_attach(sub, #sub, self.dict[1], name,
+                                           #name, self.stage_bytes or 0,
+                                           int32_out)
+    if h == nil then
+        ngx.log(ngx.WARN, "resty.counter: no shared stage in shared dict \"",
+                name, "\" (",
+                ffi.string(l.resty_counter_stage_strerror(int32_out[0])),
+                "): this worker writes its counts into the dict directly")
+        self.stage = false
+        return false
+    end
+    self.stage = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
+    return self.stage
+end
+
+-- Leaves the stage for good (worker exit): unregisters this worker and
+-- gives the fold lease up. Later syncs of this worker write directly.
+local function leave_stage(self)
+    local st = self.stage
+    if st then
+        self.stage = false
+        ffi.gc(st, nil)
+        lib.resty_counter_stage_free(st)
+    end
+end
+
 ---------------------------------------------------------------------------
 -- Flush (native): hand (key, delta) pairs to Rust, report what happened.
 ---------------------------------------------------------------------------
@@ -280,26 +334,41 @@ local function report(self, key, rc, tally)
     end
 end
 
--- Hands the drained buffer over, from self.cursor on. With a budget, stops
--- after about that many seconds and returns false (not done); the caller
--- yields and comes back. Without, runs to the end and returns true.
-local function drain(self, tally, budget)
+-- Hands the drained buffer over, from self.cursor on: into the stage `st`
+-- if given (a key it refuses, full or too long, is written directly),
+-- else straight into the dict. With a budget, stops after about that many
+-- seconds and returns false (not done); the caller yields and comes back.
+-- Without, runs to the end and returns true.
+local function drain(self, tally, budget, st)
     local t, h = self.draining, self.handle
     local add = lib.resty_counter_flusher_add
+    local publish = lib.resty_counter_stage_publish
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n = self.drained or 0
+    local published, fallback = 0, 0
     for key, delta in next, t, self.cursor do
-        local rc = add(h, key, #key, delta)
-        if rc ~= RC_STORED then
-            report(self, key, rc, tally)
+        if st and publish(st, key, #key, delta) == STAGED then
+            published = published + 1
+        else
+            if st then
+                fallback = fallback + 1
+            end
+            local rc = add(h, key, #key, delta)
+            if rc ~= RC_STORED then
+                report(self, key, rc, tally)
+            end
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             self.cursor, self.drained = key, n
+            self.published = self.published + published
+            self.fallback_writes = self.fallback_writes + fallback
             return false
         end
     end
+    self.published = self.published + published
+    self.fallback_writes = self.fallback_writes + fallback
     self.draining, self.cursor, self.drained = nil, nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
     -- rehashing, a multi-millisecond step on the request path when every
@@ -367,6 +436,66 @@ local function incr_init(self, key, value, init)
     return nil, strerror(rc), false
 end
 
+-- Adds what one fold call reported into this sync's tally and logs it.
+local function count_fold(self, tally)
+    local written, evicted, failed = tonumber(fold_out[0]),
+        tonumber(fold_out[1]), tonumber(fold_out[2])
+    self.folded = self.folded + written
+    tally.evicted = tally.evicted + evicted
+    tally.failed = tally.failed + failed
+    -- Whether the sync succeeded is the flusher's to say (end_sync): the
+    -- folded writes went through it.
+    if failed > 0 then
+        ngx.log(ngx.WARN, "resty.counter: ", failed, " keys folded from the ",
+                "stage could not be written into shared dict \"", self.name,
+                "\" (kept pending or dropped: see stats())")
+    end
+    if evicted > 0 and self.error_metric then
+        ngx.log(ngx.ERR, "resty.counter: folding the stage into shared ",
+                "dict \"", self.name, "\" evicted other entries ", evicted,
+                " times")
+    end
+end
+
+local function lease_ms(self)
+    return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS
+                      * 1000)
+end
+
+-- The automatic fold: once per interval, the worker that holds (or takes)
+-- the lease folds the stage in slices of about SLICE_SECONDS, every delta
+-- going through the flusher like a direct write. Others return at once.
+local function fold_sliced(self, tally)
+    local st = self.stage
+    while st do
+        local rc = lib.resty_counter_stage_fold(st, self.handle, 0,
+                                                lease_ms(self), SLICE_SECONDS,
+                                                fold_out)
+        if rc < 0 then
+            return  -- another worker holds the lease
+        end
+        count_fold(self, tally)
+        if rc == 1 then
+            return
+        end
+        ngx.sleep(SLICE_PAUSE)
+        if self.stage ~= st then
+            return  -- the worker left the stage meanwhile (exit)
+        end
+    end
+end
+
+-- The whole stage, once, without yielding (manual sync and exit).
+local function fold_whole(self, tally)
+    local st = self.stage
+    if not st then
+        return
+    end
+    lib.resty_counter_stage_fold(st, self.handle, 1, lease_ms(self), 0,
+                                 fold_out)
+    count_fold(self, tally)
+end
+
 local function begin_sync(self)
     lib.resty_counter_flusher_begin(self.handle)
     return { failed = 0, evicted = 0 }
@@ -421,15 +550,24 @@ local function end_sync(self, tally)
     return ok
 end
 
--- A complete sync that never yields: manual sync() and worker exit.
+-- A complete sync that never yields: manual sync() and worker exit. This
+-- worker's buffer goes straight into the dict, then the whole stage is
+-- folded once, so that what any worker published is in the dict too. An
+-- exiting worker then leaves the stage.
 local function sync_now(self)
     local tally = begin_sync(self)
     lib.resty_counter_flusher_retry(self.handle, 0)
     if self.draining then
-        drain(self, tally, nil)
+        drain(self, tally, nil, nil)
     end
     if swap(self) then
-        drain(self, tally, nil)
+        drain(self, tally, nil, nil)
+    end
+    if stage_of(self) then
+        fold_whole(self, tally)
+        if ngx.worker.exiting() then
+            leave_stage(self)
+        end
     end
     return end_sync(self, tally)
 end
@@ -446,11 +584,13 @@ local function sync_sliced(self)
     end
     -- A manual sync() may finish the drain between two slices; it runs to
     -- the end without yielding, so draining is then nil.
+    stage_of(self)
     while self.draining do
-        if not drain(self, tally, SLICE_SECONDS) then
+        if not drain(self, tally, SLICE_SECONDS, self.stage) then
             ngx.sleep(SLICE_PAUSE)
         end
     end
+    fold_sliced(self, tally)
     return end_sync(self, tally)
 end
 
@@ -633,6 +773,9 @@ local function new_state(dict, name)
         name = name,
         buf = {},
         native = is_real_shdict(dict),
+        published = 0,       -- deltas this worker handed to the stage
+        folded = 0,          -- deltas this worker folded from the stage
+        fallback_writes = 0, -- deltas the stage refused, written directly
     }, mt)
     if self.native then
         -- A VM per request: no buffer, no timer (see PER_REQUEST_VM).
@@ -654,7 +797,25 @@ local function new_state(dict, name)
     return self
 end
 
-function _M.new(shdict_name, sync_interval, error_metric_name)
+local function check_opts(opts)
+    if opts == nil then
+        return nil
+    end
+    if type(opts) ~= "table" then
+        error("expect options to be a table", 3)
+    end
+    if opts.stage ~= nil and type(opts.stage) ~= "boolean" then
+        error("expect options.stage to be a boolean", 3)
+    end
+    local b = opts.stage_bytes
+    if b ~= nil and (type(b) ~= "number" or not (b >= 1) or b == math_huge)
+    then
+        error("expect options.stage_bytes to be a positive number", 3)
+    end
+    return opts
+end
+
+function _M.new(shdict_name, sync_interval, error_metric_name, opts)
     local shared = ngx and ngx.shared
     local dict = shared and shdict_name ~= nil and shared[shdict_name]
     if not dict then
@@ -663,6 +824,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
     if sync_interval ~= nil then
         sync_interval = check_interval(sync_interval)
     end
+    opts = check_opts(opts)
 
     local self = states[dict]
     if not self then
@@ -675,6 +837,14 @@ function _M.new(shdict_name, sync_interval, error_metric_name)
     end
     if error_metric_name ~= nil and self.error_metric == nil then
         self.error_metric = error_metric_name
+    end
+    if opts then  -- the first new() that says wins, as for the interval
+        if opts.stage ~= nil and self.stage_opt == nil then
+            self.stage_opt = opts.stage
+        end
+        if opts.stage_bytes and not self.stage_bytes then
+            self.stage_bytes = opts.stage_bytes
+        end
     end
 
     if self.direct and not self.handle and ngx.get_phase() ~= "init" then
@@ -819,8 +989,27 @@ function _M.get(self, key)
     return self.dict:get(key)
 end
 
+-- The shared stage's reserved key (src/zone.rs) is the library's, not a
+-- counter: left out here.
+local STAGE_KEY = "\0resty.counter.stage"
+
 function _M.get_keys(self, max_count)
-    return self.dict:get_keys(max_count)
+    if not self.native then
+        return self.dict:get_keys(max_count)
+    end
+    local n = tonumber(max_count) or 1024
+    local keys = self.dict:get_keys(n > 0 and n + 1 or n)
+    for i = 1, #keys do
+        if keys[i] == STAGE_KEY then
+            keys[i] = keys[#keys]
+            keys[#keys] = nil
+            break
+        end
+    end
+    if n > 0 and #keys > n then
+        keys[#keys] = nil
+    end
+    return keys
 end
 
 -- What this worker holds and has done for this dict; see the README.
@@ -838,6 +1027,21 @@ function _M.stats(self)
             for _, field in ipairs(STATS_FIELDS) do
                 s[field] = stats_out[field]
             end
+        end
+        s.stage = self.stage and true or false
+        s.published = self.published
+        s.folded = self.folded
+        s.fallback_writes = self.fallback_writes
+        if self.stage and lib.resty_counter_stage_info(self.stage, info_out,
+                                                       INFO_FIELDS)
+                          == INFO_FIELDS then
+            s.lease_held = info_out[5] == info_out[17]
+            s.stage_fill = tonumber(info_out[13])
+            s.stage_slots = tonumber(info_out[2])
+            s.lost_in_flight = tonumber(info_out[12])
+            s.lost_in_flight_events = tonumber(info_out[11])
+        else
+            s.lease_held = false
         end
     end
     return s

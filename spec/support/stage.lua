@@ -5,6 +5,8 @@
 --   local h, err = stage.attach("stage")     -- handle, or nil, code, message
 --   stage.publish(h, key, delta)             -- 0 staged, 1 full, 2 too long
 --   stage.fold(h, lease_ms)                  -- written count or negative code
+--                                            -- (folds through a flusher of
+--                                            -- the same dict, as a sync does)
 --   stage.info(h)                            -- table of named fields
 -- luacheck: globals ngx
 local ngx = ngx
@@ -16,12 +18,14 @@ local _M = {}
 local INFO = {
   "offset", "anchor", "slots", "key_bytes", "created", "lease_owner",
   "published", "folded", "full", "too_long", "reclaimed", "lost_events",
-  "lost_amount", "fill", "fold_rounds", "takeovers", "dict_failures", "pid",
+  "lost_amount", "fill", "fold_rounds", "takeovers", "my_folded", "pid",
 }
 
 local lib
 local handles = {}
+local flushers = {}
 local err_out = ffi.new("int32_t[1]")
+local fold_out = ffi.new("double[3]")
 local info_out = ffi.new("double[?]", #INFO)
 
 -- The library; `dict_name` (default "counters") names any shared dict of
@@ -50,11 +54,15 @@ function _M.attach(dict_name, name)
   local l = _M.lib(dict_name)
   local sub = ngx.config.subsystem or "http"
   local h = l.resty_counter_stage_attach(sub, #sub, ngx.shared[dict_name][1],
-                                         name, #name, err_out)
+                                         name, #name, 0, err_out)
   if h == nil then
     return nil, err_out[0], _M.strerror(err_out[0])
   end
   h = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
+  local f = assert(l.resty_counter_flusher_new(sub, #sub,
+                                               ngx.shared[dict_name][1], 0, 0,
+                                               err_out))
+  flushers[h] = ffi.gc(f, function(p) l.resty_counter_flusher_free(p) end)
   handles[key] = h
   return h
 end
@@ -63,8 +71,15 @@ function _M.publish(h, key, delta)
   return _M.lib().resty_counter_stage_publish(h, key, #key, delta)
 end
 
+-- One whole round (the manual sync's fold): folds even when another
+-- worker holds the lease.
 function _M.fold(h, lease_ms)
-  return _M.lib().resty_counter_stage_fold(h, 0, lease_ms or 200)
+  local rc = _M.lib().resty_counter_stage_fold(h, flushers[h], 1,
+                                               lease_ms or 200, 0, fold_out)
+  if rc < 0 then
+    return rc
+  end
+  return tonumber(fold_out[0])
 end
 
 function _M.info(h)

@@ -1,0 +1,206 @@
+-- The shared stage wired into the automatic sync, in a real nginx.
+--
+-- With more than one worker, each worker's sync publishes its buffer into
+-- the dict's shared stage, and once per interval the lease holder folds the
+-- stage into the dict: one dict write per key per interval, whatever the
+-- number of workers. Here:
+--   * 4 workers dirty the same K keys every interval: counts exact, and the
+--     dict writes (keys_flushed summed over the workers) per interval stay
+--     within 1.05 K, where the direct path makes 4 K;
+--   * kill -9 of random workers (the lease holder among them) under load:
+--     the dict never exceeds the requests served, and the loss after
+--     quiescence stays within what the stage reports lost in flight plus
+--     what the killed workers can have had buffered;
+--   * { stage = false }, and 1 worker, take the direct path;
+--   * a dict too small for a stage falls back, with one WARN per worker,
+--     and counts exactly.
+
+local nginx = require "spec.support.nginx"
+local H = require "spec.integration.helpers"
+
+local WORKERS = 4
+local INTERVAL = 0.1
+
+-- Every worker adds 1 to keys k1..kK once per interval for `rounds`
+-- rounds (a timer), and copies its stats into the `meta` dict under
+-- "<field>:<pid>" each interval.
+local function bump_http(dict_size, k, rounds, opts)
+  return [[
+  lua_shared_dict counters ]] .. dict_size .. [[;
+  lua_shared_dict meta 1m;
+  init_worker_by_lua_block {
+    local c = require("resty.counter").new("counters", ]] .. INTERVAL
+      .. [[, nil, ]] .. opts .. [[)
+    local meta = ngx.shared.meta
+    local rounds, pid = 0, ngx.worker.pid()
+    ngx.timer.every(]] .. INTERVAL .. [[, function(premature)
+      if premature then
+        return
+      end
+      if rounds < ]] .. rounds .. [[ then
+        rounds = rounds + 1
+        for i = 1, ]] .. k .. [[ do
+          c:incr("k" .. i)
+        end
+        meta:incr("bumps", 1, 0)
+      end
+      local s = c:stats()
+      meta:set("kf:" .. pid, s.keys_flushed)
+      meta:set("stage:" .. pid, s.stage and 1 or 0)
+      meta:set("published:" .. pid, s.published)
+      meta:set("fallback:" .. pid, s.fallback_writes)
+    end)
+  }
+]]
+end
+
+local DUMP = [[
+  location = /dump {
+    content_by_lua_block {
+      ngx.print(require("spec.integration.helpers")
+                .dump(ngx.shared[ngx.var.arg_d]))
+    }
+  }
+]]
+
+-- { field = { pid = value } } from the meta dict.
+local function meta(srv)
+  local status, body = srv:get("/dump?d=meta")
+  assert.equal(200, status, body)
+  local t = {}
+  for k, v in pairs(H.parse_dump(body)) do
+    local field, pid = k:match("^(%a+):(%d+)$")
+    if field then
+      t[field] = t[field] or {}
+      t[field][pid] = v
+    else
+      t[k] = v
+    end
+  end
+  return t
+end
+
+local function sum(t)
+  local n = 0
+  for _, v in pairs(t or {}) do
+    n = n + v
+  end
+  return n
+end
+
+local function count(t)
+  local n = 0
+  for _ in pairs(t or {}) do
+    n = n + 1
+  end
+  return n
+end
+
+-- Waits until every worker did all its rounds and every key holds
+-- workers * rounds; returns the keys that do not.
+local function exact(srv, workers, k, rounds)
+  local wrong
+  H.poll(20, function()
+    if (meta(srv).bumps or 0) < workers * rounds then
+      return false
+    end
+    local status, body = srv:get("/dump?d=counters")
+    assert.equal(200, status)
+    local got = H.parse_dump(body)
+    wrong = {}
+    for i = 1, k do
+      if got["k" .. i] ~= workers * rounds then
+        wrong[#wrong + 1] = "k" .. i .. "=" .. tostring(got["k" .. i])
+      end
+    end
+    return #wrong == 0
+  end)
+  return wrong
+end
+
+describe("#integration the shared stage in the sync", function()
+  local srv
+
+  after_each(function()
+    if srv then
+      srv:stop()
+      srv = nil
+    end
+  end)
+
+  it("4 workers sharing K keys: exact counts, about K dict writes per "
+     .. "interval", function()
+    local K, ROUNDS, WINDOW = 2000, 100, 6
+    srv = nginx.start{ workers = WORKERS, server = DUMP,
+                       http = bump_http("16m", K, ROUNDS, "nil") }
+    -- Past the start (every worker attached, the lease taken), then a
+    -- window of WINDOW seconds of steady load.
+    H.poll(10, function()
+      return count(meta(srv).kf) == WORKERS
+    end)
+    H.sleep(1)
+    local m1 = meta(srv)
+    H.sleep(WINDOW)
+    local m2 = meta(srv)
+    assert.is_true((m2.bumps or 0) < WORKERS * ROUNDS, "window under load")
+    local writes = sum(m2.kf) - sum(m1.kf)
+    local per_interval = writes / (WINDOW / INTERVAL)
+    assert.is_true(per_interval <= 1.05 * K,
+                   ("%.0f dict writes per interval for %d keys"):format(
+                     per_interval, K))
+    assert.is_true(per_interval >= 0.5 * K, "the fold writes: "
+                   .. per_interval)
+    assert.equal(WORKERS, sum(m2.stage), "every worker uses the stage")
+    assert.is_true(sum(m2.published) > 0)
+    assert.equal(0, sum(m2.fallback))
+    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+    assert.same({}, H.crash_lines(srv:error_log()))
+  end)
+
+  it("{ stage = false } writes directly: about workers x K writes",
+     function()
+    local K, ROUNDS = 500, 30
+    srv = nginx.start{ workers = WORKERS, server = DUMP,
+                       http = bump_http("4m", K, ROUNDS, "{ stage = false }") }
+    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+    local m = meta(srv)
+    assert.equal(0, sum(m.stage))
+    assert.equal(0, sum(m.published))
+    -- Every worker wrote every key of every round (fewer only when one
+    -- sync took two rounds' increments at once).
+    assert.is_true(sum(m.kf) > 1.5 * K * ROUNDS, "direct writes "
+                   .. sum(m.kf))
+  end)
+
+  it("1 worker writes directly", function()
+    local K, ROUNDS = 500, 20
+    srv = nginx.start{ workers = 1, server = DUMP,
+                       http = bump_http("4m", K, ROUNDS, "nil") }
+    assert.same({}, exact(srv, 1, K, ROUNDS))
+    local m = meta(srv)
+    assert.equal(0, sum(m.stage))
+    assert.equal(0, sum(m.published))
+    assert.is_nil(srv:error_log():find("no shared stage", 1, true))
+  end)
+
+  it("a dict too small for a stage: one WARN per worker, exact counts",
+     function()
+    local K, ROUNDS = 500, 20
+    srv = nginx.start{ workers = WORKERS, server = DUMP,
+                       http = bump_http("300k", K, ROUNDS, "nil") }
+    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+    local m = meta(srv)
+    assert.equal(0, sum(m.stage))
+    local warns = 0
+    for line in srv:error_log():gmatch("[^\n]+") do
+      if line:find("no shared stage in shared dict \"counters\"", 1, true)
+      then
+        assert.truthy(line:find("[warn]", 1, true), line)
+        warns = warns + 1
+      end
+    end
+    assert.is_true(warns >= 1 and warns <= WORKERS,
+                   warns .. " WARN lines")
+    assert.same({}, H.crash_lines(srv:error_log()))
+  end)
+end)
