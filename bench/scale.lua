@@ -17,7 +17,7 @@
 --             worker writes every key into the dict each interval, so its
 --             writes per interval are N x K by construction
 --   project   resty.counter as configured by default, its stage sized for K
---             ({ stage_bytes = ... }: 2 slots of 192 bytes per key)
+--             ({ stage_bytes = ... }: 4 slots of 192 bytes per key)
 --   direct    resty.counter with the shared stage off (each worker flushes
 --             its own keys into the dict)
 --
@@ -134,11 +134,15 @@ local function writes(srv)
   return tonumber(body)
 end
 
--- The stage holds each key once in a 192-byte slot; twice the slots of
--- the keys keeps probing short. Its bytes come out of the dict's zone, so
--- the dict grows by as much (for every contender, to compare like with like).
+-- The stage holds each key once in a 192-byte slot. Four slots per key:
+-- with 16+ workers on 2 cores the syncs run late, keys go idle for a fold
+-- or two and are retired, and a retired slot is freed only once every
+-- worker has moved on, so a key may hold two slots for a while; at two
+-- slots per key the probes then overflowed and spilled to the direct path.
+-- Its bytes come out of the dict's zone, so the dict grows by as much (for
+-- every contender, to compare like with like).
 local function stage_bytes(k)
-  return k * 192 * 2 + 1048576
+  return k * 192 * 4 + 1048576
 end
 
 local function measure(mode, n, k)

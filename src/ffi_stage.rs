@@ -204,6 +204,71 @@ pub unsafe extern "C" fn resty_counter_stage_publish(
     })
 }
 
+/// Most pairs one `resty_counter_stage_publish_batch` call takes.
+pub const BATCH_MAX: u32 = 4096;
+
+/// Adds `n` deltas into the stage in one pass (one announce, one fence,
+/// the slots of a group touched ahead): `keys[i]` of `lens[i]` bytes gets
+/// `deltas[i]`, and `rcs[i]` says what became of it (0 staged, 1 full, 2
+/// too long or a NULL key: write those directly). Returns how many were
+/// staged.
+///
+/// # Safety
+/// `h` must be NULL or live; `keys`, `lens`, `deltas` and `rcs` must hold
+/// `n` elements; each `keys[i]` must point at `lens[i]` readable bytes.
+///
+/// # Errors
+/// `RC_NULL` (a NULL handle or array, or `n > BATCH_MAX`), `RC_PANIC`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_publish_batch(
+    h: *mut StageHandle,
+    keys: *const *const u8,
+    lens: *const usize,
+    deltas: *const f64,
+    n: u32,
+    rcs: *mut i32,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live, not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        if keys.is_null() || lens.is_null() || deltas.is_null() || rcs.is_null() || n > BATCH_MAX {
+            return RC_NULL;
+        }
+        let n = n as usize;
+        // SAFETY: the caller guarantees n elements in each array.
+        let (keys, lens, deltas, rcs) = unsafe {
+            (
+                std::slice::from_raw_parts(keys, n),
+                std::slice::from_raw_parts(lens, n),
+                std::slice::from_raw_parts(deltas, n),
+                std::slice::from_raw_parts_mut(rcs, n),
+            )
+        };
+        let items = (0..n).map(|i| {
+            // SAFETY: keys[i] points at lens[i] readable bytes (contract);
+            // a NULL key with a length becomes the empty key, refused.
+            let key = unsafe { bytes(keys[i], lens[i]) }.unwrap_or(&[]);
+            (key, deltas[i])
+        });
+        let mut i = 0usize;
+        let mut staged = 0i32;
+        h.zs.stage.publish_many(h.zs.worker, items, |_, _, r| {
+            rcs[i] = match r {
+                Published::Staged => {
+                    staged += 1;
+                    0
+                }
+                Published::Full => 1,
+                Published::TooLong => 2,
+            };
+            i += 1;
+        });
+        staged
+    })
+}
+
 /// Folds the stage into the dict through the flusher `f`: every folded
 /// (key, delta) goes through `Flusher::add`, as a direct write would
 /// (transient failures kept pending and retried, permanent ones dropped

@@ -41,6 +41,7 @@ local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED = 0                -- resty_counter_stage_publish: in the stage
 local LEASE_INTERVALS = 3       -- the fold lease lasts this many intervals
 local FOLD_FIELDS, INFO_FIELDS = 3, 18
+local BATCH = 256               -- keys per resty_counter_stage_publish_batch
 
 local clear_tab
 do
@@ -145,6 +146,9 @@ resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
 void resty_counter_stage_free(resty_counter_stage *h);
 int32_t resty_counter_stage_publish(resty_counter_stage *h,
     const unsigned char *key, size_t key_len, double delta);
+int32_t resty_counter_stage_publish_batch(resty_counter_stage *h,
+    const unsigned char **keys, const size_t *lens, const double *deltas,
+    uint32_t n, int32_t *rcs);
 int32_t resty_counter_stage_fold(resty_counter_stage *h,
     resty_counter_flusher *f, int32_t whole, uint32_t lease_ms, double budget,
     double *out);
@@ -163,6 +167,8 @@ local STATS_FIELDS = {
 
 local lib          -- the loaded library, once a real shared dict needs it
 local int32_out, stats_out, end_out, value_out, fold_out, info_out
+local batch_keys, batch_lens, batch_deltas, batch_rcs
+local batch_strs = {}   -- the same keys as Lua strings, for the fallback
 
 -- Loads the library on first native use in a worker (never in the master:
 -- see new_state), through package.cpath; see resty.counter.loader.
@@ -187,6 +193,10 @@ local function load_library()
     value_out = ffi.new("double[1]")
     fold_out = ffi.new("double[?]", FOLD_FIELDS)
     info_out = ffi.new("double[?]", INFO_FIELDS)
+    batch_keys = ffi.new("const unsigned char *[?]", BATCH)
+    batch_lens = ffi.new("size_t[?]", BATCH)
+    batch_deltas = ffi.new("double[?]", BATCH)
+    batch_rcs = ffi.new("int32_t[?]", BATCH)
     return lib
 end
 
@@ -334,26 +344,53 @@ local function report(self, key, rc, tally)
     end
 end
 
+-- Publishes the first m pairs of the batch arrays in one call; writes the
+-- ones the stage refuses (full, too long) directly.
+local function publish_batch(self, st, m, tally)
+    local staged = lib.resty_counter_stage_publish_batch(st, batch_keys,
+        batch_lens, batch_deltas, m, batch_rcs)
+    if staged == m then
+        self.published = self.published + m
+        return
+    end
+    local add, h = lib.resty_counter_flusher_add, self.handle
+    for i = 0, m - 1 do
+        if staged >= 0 and batch_rcs[i] == STAGED then
+            self.published = self.published + 1
+        else
+            local key = batch_strs[i]
+            self.fallback_writes = self.fallback_writes + 1
+            local rc = add(h, key, #key, batch_deltas[i])
+            if rc ~= RC_STORED then
+                report(self, key, rc, tally)
+            end
+        end
+    end
+end
+
 -- Hands the drained buffer over, from self.cursor on: into the stage `st`
--- if given (a key it refuses, full or too long, is written directly),
--- else straight into the dict. With a budget, stops after about that many
--- seconds and returns false (not done); the caller yields and comes back.
--- Without, runs to the end and returns true.
+-- if given, BATCH keys per call (a key it refuses, full or too long, is
+-- written directly), else straight into the dict. With a budget, stops
+-- after about that many seconds and returns false (not done); the caller
+-- yields and comes back. Without, runs to the end and returns true.
 local function drain(self, tally, budget, st)
     local t, h = self.draining, self.handle
     local add = lib.resty_counter_flusher_add
-    local publish = lib.resty_counter_stage_publish
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local n = self.drained or 0
-    local published, fallback = 0, 0
+    local n, m = self.drained or 0, 0
     for key, delta in next, t, self.cursor do
-        if st and publish(st, key, #key, delta) == STAGED then
-            published = published + 1
-        else
-            if st then
-                fallback = fallback + 1
+        if st then
+            -- A Lua string converts to a pointer into itself; `t` keeps
+            -- every key alive until the batch is published.
+            batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+            batch_strs[m] = key
+            m = m + 1
+            if m == BATCH then
+                publish_batch(self, st, m, tally)
+                m = 0
             end
+        else
             local rc = add(h, key, #key, delta)
             if rc ~= RC_STORED then
                 report(self, key, rc, tally)
@@ -361,14 +398,16 @@ local function drain(self, tally, budget, st)
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
+            if m > 0 then
+                publish_batch(self, st, m, tally)
+            end
             self.cursor, self.drained = key, n
-            self.published = self.published + published
-            self.fallback_writes = self.fallback_writes + fallback
             return false
         end
     end
-    self.published = self.published + published
-    self.fallback_writes = self.fallback_writes + fallback
+    if m > 0 then
+        publish_batch(self, st, m, tally)
+    end
     self.draining, self.cursor, self.drained = nil, nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
     -- rehashing, a multi-millisecond step on the request path when every

@@ -11,6 +11,8 @@
 --     the dict never exceeds the requests served, and the loss after
 --     quiescence stays within what the stage reports lost in flight plus
 --     what the killed workers can have had buffered;
+--   * a stage too small for the keys sends the overflow down the direct
+--     path: exact counts;
 --   * { stage = false }, and 1 worker, take the direct path;
 --   * a dict too small for a stage falls back, with one WARN per worker,
 --     and counts exactly.
@@ -170,6 +172,19 @@ describe("#integration the shared stage in the sync", function()
     -- sync took two rounds' increments at once).
     assert.is_true(sum(m.kf) > 1.5 * K * ROUNDS, "direct writes "
                    .. sum(m.kf))
+  end)
+
+  it("a stage too small for the keys: the overflow is written directly, "
+     .. "exact counts", function()
+    local K, ROUNDS = 1500, 20
+    srv = nginx.start{ workers = WORKERS, server = DUMP,
+                       http = bump_http("8m", K, ROUNDS,
+                                        "{ stage_bytes = 65536 }") }
+    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+    local m = meta(srv)
+    assert.equal(WORKERS, sum(m.stage))
+    assert.is_true(sum(m.published) > 0, "some keys staged")
+    assert.is_true(sum(m.fallback) > 0, "some keys written directly")
   end)
 
   it("1 worker writes directly", function()
