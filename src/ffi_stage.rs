@@ -440,6 +440,19 @@ mod tests {
                 ),
                 RC_NULL
             );
+            let (k, l, d, mut rc) = ([c"k".as_ptr().cast::<u8>()], [1usize], [1.0f64], [9i32]);
+            assert_eq!(
+                resty_counter_stage_publish_batch(
+                    ptr::null_mut(),
+                    k.as_ptr(),
+                    l.as_ptr(),
+                    d.as_ptr(),
+                    1,
+                    rc.as_mut_ptr()
+                ),
+                RC_NULL
+            );
+            assert_eq!(rc[0], 9, "nothing written");
             let mut out = [0.0; INFO_FIELDS];
             assert_eq!(
                 resty_counter_stage_info(ptr::null_mut(), out.as_mut_ptr(), out.len()),
