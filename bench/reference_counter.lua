@@ -24,15 +24,7 @@ local pairs = pairs
 local tonumber = tonumber
 local setmetatable = setmetatable
 
-local clear_tab
-do
-  local ok, clear = pcall(require, "table.clear")
-  clear_tab = ok and clear or function(t)
-    for k in pairs(t) do
-      t[k] = nil
-    end
-  end
-end
+local clear_tab = require "table.clear"  -- as the original: LuaJIT only
 
 local _M = {}
 local mt = { __index = _M }

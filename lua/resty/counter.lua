@@ -1,13 +1,9 @@
 -- resty.counter: per-worker counters flushed into an ngx.shared.DICT.
 --
--- Where a count goes:
---   buffered   c:incr() adds into a Lua table per dict and worker (this file,
---              no FFI crossing on the request path);
---   handed over  at sync time, each (key, delta) crosses into Rust through
---              resty_counter_flusher_add (the ffi.cdef block below);
---   flushed    Rust writes it into the dict with lua-nginx-module's own
---              *_ffi_shdict_incr, keeps transient failures pending and
---              retries them (src/flush.rs).
+-- This file buffers counts in a Lua table per dict and worker (no FFI on
+-- the request path), hands them to the Rust library at each sync (the
+-- ffi.cdef block below is the ABI), and keeps the API. Where a count goes
+-- from there, file by file: src/lib.rs.
 --
 -- A dict that is not a real shared dict (a Lua-table stub in unit tests), or
 -- a Lua without ffi, runs the original pure-Lua algorithm instead.
@@ -37,7 +33,7 @@ local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
 local KEEP_SPARE_MAX = 16384    -- larger buffers are recycled only if steady
 local GUARD_PERIOD = 1          -- a manual counter's timer: waits for exit
 
-local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
+local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED = 0                -- resty_counter_stage_publish: in the stage
 local LEASE_INTERVALS = 3       -- the fold lease lasts this many intervals
 local FOLD_FIELDS, INFO_FIELDS = 3, 18
@@ -115,10 +111,9 @@ const char *resty_counter_version(void);
 const char *resty_counter_strerror(int32_t code);
 double resty_counter_clock(void);
 resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
-    size_t subsystem_len, void *zone_udata, uint32_t max_keys,
-    double max_bytes, int32_t *err);
+    size_t subsystem_len, void *zone_udata, int32_t *err);
 void resty_counter_flusher_free(resty_counter_flusher *h);
-int32_t resty_counter_flusher_add(resty_counter_flusher *h,
+int32_t resty_counter_flusher_write(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
@@ -155,7 +150,6 @@ int32_t resty_counter_stage_fold(resty_counter_stage *h,
 int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
     size_t n);
 ]]
-_M._CDEF = CDEF  -- read by the ABI drift check
 
 -- The fields of resty_counter_stats, copied into stats() by name.
 local STATS_FIELDS = {
@@ -260,8 +254,8 @@ local function new_native_handle(dict, name)
         return nil, err
     end
     local subsystem = ngx.config.subsystem or "http"
-    local h = l.resty_counter_flusher_new(subsystem, #subsystem, dict[1], 0,
-                                          0, int32_out)
+    local h = l.resty_counter_flusher_new(subsystem, #subsystem, dict[1],
+                                          int32_out)
     if h == nil then
         return nil, "resty.counter: cannot flush into shared dict \"" .. name
                     .. "\": " .. strerror(int32_out[0])
@@ -324,7 +318,7 @@ end
 -- per sync (tally counts the kinds); Rust counts and decides the sync's
 -- result, and end_sync logs the summary lines.
 local function report(self, key, rc, tally)
-    if rc == RC_EVICTED then
+    if rc == RC_STORED_EVICTED then
         tally.evicted = tally.evicted + 1
         if self.error_metric and tally.evicted <= WARN_LINES_PER_SYNC then
             ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
@@ -353,7 +347,7 @@ local function publish_batch(self, st, m, tally)
         self.published = self.published + m
         return
     end
-    local add, h = lib.resty_counter_flusher_add, self.handle
+    local add, h = lib.resty_counter_flusher_write, self.handle
     for i = 0, m - 1 do
         if staged >= 0 and batch_rcs[i] == STAGED then
             self.published = self.published + 1
@@ -375,7 +369,7 @@ end
 -- yields and comes back. Without, runs to the end and returns true.
 local function drain(self, tally, budget, st)
     local t, h = self.draining, self.handle
-    local add = lib.resty_counter_flusher_add
+    local add = lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n, m = self.drained or 0, 0
@@ -437,7 +431,7 @@ end
 
 -- The same in Lua, for the master (init_by_lua), which loads no library:
 -- incr without init, then add, which copies the key before linking it.
-local function incr_init_lua(dict, key, value, init)
+local function incr_or_add_lua(dict, key, value, init)
     for _ = 1, 3 do
         local v, err = dict:incr(key, value)
         if v or err ~= "not found" then
@@ -457,7 +451,7 @@ end
 -- dict:incr(key, value, init) on a real shared dict, written by the
 -- library the CRC-safe way (see src/shdict.rs): v, err, forcible.
 -- Without a handle (the master), the Lua version above.
-local function incr_init(self, key, value, init)
+local function incr_or_add(self, key, value, init)
     if key == nil then
         return nil, "nil key"
     end
@@ -465,12 +459,12 @@ local function incr_init(self, key, value, init)
         key = tostring(key)
     end
     if not self.handle then
-        return incr_init_lua(self.dict, key, value, init)
+        return incr_or_add_lua(self.dict, key, value, init)
     end
     local rc = lib.resty_counter_incr(self.handle, key, #key, value, init,
                                       value_out)
-    if rc == RC_STORED or rc == RC_EVICTED then
-        return tonumber(value_out[0]), nil, rc == RC_EVICTED
+    if rc == RC_STORED or rc == RC_STORED_EVICTED then
+        return tonumber(value_out[0]), nil, rc == RC_STORED_EVICTED
     end
     return nil, strerror(rc), false
 end
@@ -584,7 +578,7 @@ local function end_sync(self, tally)
     end
     local ok = r.ok ~= 0
     if not ok and self.error_metric then
-        incr_init(self, self.error_metric, 1, 0)
+        incr_or_add(self, self.error_metric, 1, 0)
     end
     return ok
 end
@@ -738,18 +732,13 @@ tick = function(premature, self, gen)
     end
 end
 
--- Whether this native state still writes through, in the master before
--- the fork (see new_state). The first call in a worker switches it to
--- buffering and starts the worker's timer.
 local sync_lua  -- the fallback when a worker cannot load the library
 
-local function in_master(self)
-    if not self.direct then
-        return false
-    end
-    if ngx.get_phase() == "init" then
-        return true
-    end
+-- A counter made in the master (init_by_lua) writes through until the
+-- fork. At its first use in a worker it starts buffering: the worker loads
+-- the library (or, if it cannot, counts with the pure-Lua algorithm) and
+-- starts its timer.
+local function start_buffering(self)
     self.direct = false
     if not self.handle then
         local h, err = new_native_handle(self.dict, self.name)
@@ -762,11 +751,24 @@ local function in_master(self)
             if self.interval then
                 ngx.timer.every(self.interval, sync_lua, self)
             end
-            return false
+            return
         end
         self.handle = h
     end
     start_timer(self)
+end
+
+-- Whether this native counter still writes straight into the dict because
+-- it is in the master before the fork (see new_state); in a worker, the
+-- first call starts buffering and returns false.
+local function still_in_master(self)
+    if not self.direct then
+        return false
+    end
+    if ngx.get_phase() == "init" then
+        return true
+    end
+    start_buffering(self)
     return false
 end
 
@@ -898,7 +900,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name, opts)
         if sync_interval and not self.interval then
             self.interval = sync_interval  -- the guard's next run takes it
         end
-        if not in_master(self) then
+        if not still_in_master(self) then
             check_timer(self)
         end
     elseif sync_interval and not self.interval then
@@ -934,10 +936,10 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.write_through or in_master(self) then
+    if self.write_through or still_in_master(self) then
         -- Before the fork (master) or after the exit flush: no timer will
         -- flush a buffer, so write straight to the dict.
-        local _, err = incr_init(self, key, step, 0)
+        local _, err = incr_or_add(self, key, step, 0)
         if err then
             ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
                     printable(key), ", err: ", err)
@@ -1019,7 +1021,7 @@ function _M.reset(self, key, number)
         end
     end
     if self.native then
-        return incr_init(self, key, -number, number)
+        return incr_or_add(self, key, -number, number)
     end
     return self.dict:incr(key, -number, number)
 end

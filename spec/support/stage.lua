@@ -60,7 +60,7 @@ function _M.attach(dict_name, name)
   end
   h = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
   local f = assert(l.resty_counter_flusher_new(sub, #sub,
-                                               ngx.shared[dict_name][1], 0, 0,
+                                               ngx.shared[dict_name][1],
                                                err_out))
   flushers[h] = ffi.gc(f, function(p) l.resty_counter_flusher_free(p) end)
   handles[key] = h
