@@ -83,6 +83,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	luacheck lua spec bench examples
+	stylua --check lua spec bench examples
 	shellcheck -S warning spec/run-in-nginx spec/support/nginx-conf spec/*.sh \
 	    tools/* bench/run examples/*.sh .ci/run
 

@@ -11,8 +11,8 @@
 -- sees it. Prints max, median and the bound.
 
 package.path = "./?.lua;" .. package.path
-local nginx = require "spec.support.nginx"
-local socket = require "socket"
+local nginx = require("spec.support.nginx")
+local socket = require("socket")
 
 local WORKERS = tonumber(os.getenv("DELAY_WORKERS")) or 4
 local INTERVAL = tonumber(os.getenv("DELAY_INTERVAL")) or 1
@@ -57,51 +57,62 @@ location = /marks {
 }
 ]]
 
-local srv = nginx.start{ workers = WORKERS, http = HTTP, server = SERVER }
+local srv = nginx.start({ workers = WORKERS, http = HTTP, server = SERVER })
 socket.sleep(2 * INTERVAL)
 local sent, waiting, delays = {}, {}, {}
 local mode
 local n, t_end, next_mark = 0, socket.gettime() + SECS, 0
 while socket.gettime() < t_end or next(waiting) do
-  local now = socket.gettime()
-  if now < t_end and now >= next_mark then
-    n = n + 1
-    local status = srv:get("/mark?n=" .. n)
-    assert(status == 200)
-    sent[n] = socket.gettime()
-    waiting[n] = true
-    next_mark = now + 0.1
-  end
-  local ns = {}
-  for k in pairs(waiting) do
-    ns[#ns + 1] = k
-  end
-  if #ns > 0 then
-    local status, body = srv:get("/marks?ns=" .. table.concat(ns, ","))
-    assert(status == 200)
-    local seen_at = socket.gettime()
-    local list
-    list, mode = body:match("^(.-)|(%a+)")
-    for k in list:gmatch("%d+") do
-      k = tonumber(k)
-      delays[#delays + 1] = seen_at - sent[k]
-      waiting[k] = nil
+    local now = socket.gettime()
+    if now < t_end and now >= next_mark then
+        n = n + 1
+        local status = srv:get("/mark?n=" .. n)
+        assert(status == 200)
+        sent[n] = socket.gettime()
+        waiting[n] = true
+        next_mark = now + 0.1
     end
-  end
-  if socket.gettime() > t_end + 10 * INTERVAL then
-    break
-  end
-  socket.sleep(0.02)
+    local ns = {}
+    for k in pairs(waiting) do
+        ns[#ns + 1] = k
+    end
+    if #ns > 0 then
+        local status, body = srv:get("/marks?ns=" .. table.concat(ns, ","))
+        assert(status == 200)
+        local seen_at = socket.gettime()
+        local list
+        list, mode = body:match("^(.-)|(%a+)")
+        for k in list:gmatch("%d+") do
+            k = tonumber(k)
+            delays[#delays + 1] = seen_at - sent[k]
+            waiting[k] = nil
+        end
+    end
+    if socket.gettime() > t_end + 10 * INTERVAL then
+        break
+    end
+    socket.sleep(0.02)
 end
 srv:stop()
 table.sort(delays)
 local lost = 0
 for _ in pairs(waiting) do
-  lost = lost + 1
+    lost = lost + 1
 end
-print(("delay: %d workers (%s path), interval %.1f s, %d keys per worker "
-       .. "and interval: %d marks, median %.3f s, max %.3f s, never seen %d; "
-       .. "bound 2 x interval = %.1f s + fold time")
-      :format(WORKERS, mode or "?", INTERVAL, KEYS, #delays,
-              delays[math.ceil(#delays / 2)] or 0 / 0,
-              delays[#delays] or 0 / 0, lost, 2 * INTERVAL))
+print(
+    (
+        "delay: %d workers (%s path), interval %.1f s, %d keys per worker "
+        .. "and interval: %d marks, median %.3f s, max %.3f s, never seen %d; "
+        .. "bound 2 x interval = %.1f s + fold time"
+    ):format(
+        WORKERS,
+        mode or "?",
+        INTERVAL,
+        KEYS,
+        #delays,
+        delays[math.ceil(#delays / 2)] or 0 / 0,
+        delays[#delays] or 0 / 0,
+        lost,
+        2 * INTERVAL
+    )
+)

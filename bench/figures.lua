@@ -7,12 +7,12 @@
 -- (sync only: direct ngx_http_lua_ffi_shdict_incr calls), "none" (stall and
 -- end to end: no counter).
 
-local common = require "figures.common"
-local hot = require "figures.hot"
-local sync = require "figures.sync"
-local stall = require "figures.stall"
-local contend = require "figures.contend"
-local e2e = require "figures.e2e"
+local common = require("figures.common")
+local hot = require("figures.hot")
+local sync = require("figures.sync")
+local stall = require("figures.stall")
+local contend = require("figures.contend")
+local e2e = require("figures.e2e")
 
 local ngx = ngx
 local tostring = tostring
@@ -32,10 +32,15 @@ return {
     end,
 
     info = function()
-        ngx.say(string.format("mode=%s jit=%s ngx_lua=%s nginx=%s workers=%d",
-                              common.MODE, jit.version,
-                              tostring(ngx.config.ngx_lua_version),
-                              tostring(ngx.config.nginx_version),
-                              ngx.worker.count()))
+        ngx.say(
+            string.format(
+                "mode=%s jit=%s ngx_lua=%s nginx=%s workers=%d",
+                common.MODE,
+                jit.version,
+                tostring(ngx.config.ngx_lua_version),
+                tostring(ngx.config.nginx_version),
+                ngx.worker.count()
+            )
+        )
     end,
 }

@@ -24,90 +24,87 @@ local pairs = pairs
 local tonumber = tonumber
 local setmetatable = setmetatable
 
-local clear_tab
-do
-  local ok, clear = pcall(require, "table.clear")
-  clear_tab = ok and clear or function(t)
-    for k in pairs(t) do
-      t[k] = nil
-    end
-  end
-end
+local clear_tab = require("table.clear") -- as the original: LuaJIT only
 
 local _M = {}
 local mt = { __index = _M }
 
-local buffers = {}        -- dict name -> { key -> summed step }
-local timer_started = {}  -- dict name -> true once this worker has a timer
+local buffers = {} -- dict name -> { key -> summed step }
+local timer_started = {} -- dict name -> true once this worker has a timer
 
-local function sync(_, self)     -- first argument (premature) ignored
-  local ok = true
-  for k, v in pairs(self.increments) do
-    local _, err = self.dict:incr(k, v, 0)
-    if err then
-      ngx.log(ngx.WARN, "error increasing counter in shdict key: ", k,
-              ", err: ", err)
-      ok = false
+local function sync(_, self) -- first argument (premature) ignored
+    local ok = true
+    for k, v in pairs(self.increments) do
+        local _, err = self.dict:incr(k, v, 0)
+        if err then
+            ngx.log(
+                ngx.WARN,
+                "error increasing counter in shdict key: ",
+                k,
+                ", err: ",
+                err
+            )
+            ok = false
+        end
     end
-  end
-  clear_tab(self.increments)
-  return ok
+    clear_tab(self.increments)
+    return ok
 end
 
 function _M.new(shdict_name, sync_interval)
-  local dict = ngx.shared[shdict_name]
-  if not dict then
-    error("shared dict \"" .. tostring(shdict_name) .. "\" not defined", 2)
-  end
-  buffers[shdict_name] = buffers[shdict_name] or {}
-  local self = setmetatable({
-    dict = dict,
-    increments = buffers[shdict_name],
-  }, mt)
-  if sync_interval then
-    sync_interval = tonumber(sync_interval)
-    if not sync_interval or sync_interval < 0 then
-      error("expect sync_interval to be a positive number", 2)
+    local dict = ngx.shared[shdict_name]
+    if not dict then
+        error('shared dict "' .. tostring(shdict_name) .. '" not defined', 2)
     end
-    if not timer_started[shdict_name] then
-      local ok, err = ngx.timer.every(sync_interval, sync, self)
-      if not ok then
-        ngx.log(ngx.ERR, "original counter: no sync timer: ", err)
-      else
-        timer_started[shdict_name] = true
-      end
+    buffers[shdict_name] = buffers[shdict_name] or {}
+    local self = setmetatable({
+        dict = dict,
+        increments = buffers[shdict_name],
+    }, mt)
+    if sync_interval then
+        sync_interval = tonumber(sync_interval)
+        if not sync_interval or sync_interval < 0 then
+            error("expect sync_interval to be a positive number", 2)
+        end
+        if not timer_started[shdict_name] then
+            local ok, err = ngx.timer.every(sync_interval, sync, self)
+            if not ok then
+                ngx.log(ngx.ERR, "original counter: no sync timer: ", err)
+            else
+                timer_started[shdict_name] = true
+            end
+        end
     end
-  end
-  return self
+    return self
 end
 
 function _M:sync()
-  return sync(false, self)
+    return sync(false, self)
 end
 
 function _M:incr(key, step)
-  step = step or 1
-  local v = self.increments[key]
-  if v then
-    step = step + v
-  end
-  self.increments[key] = step
-  return true
+    step = step or 1
+    local v = self.increments[key]
+    if v then
+        step = step + v
+    end
+    self.increments[key] = step
+    return true
 end
 
 function _M:reset(key, number)
-  if not number then
-    return nil, "expect a number at #2"
-  end
-  return self.dict:incr(key, -number, number)
+    if not number then
+        return nil, "expect a number at #2"
+    end
+    return self.dict:incr(key, -number, number)
 end
 
 function _M:get(key)
-  return self.dict:get(key)
+    return self.dict:get(key)
 end
 
 function _M:get_keys(max_count)
-  return self.dict:get_keys(max_count)
+    return self.dict:get_keys(max_count)
 end
 
 return _M

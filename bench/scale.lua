@@ -27,15 +27,15 @@
 -- medians, one block per K, for bench/scale.gp's scale.png).
 
 package.path = "./?.lua;" .. package.path
-local nginx = require "spec.support.nginx"
-local socket = require "socket"
+local nginx = require("spec.support.nginx")
+local socket = require("socket")
 
 local function list(name, default)
-  local out = {}
-  for word in (os.getenv(name) or default):gmatch("%S+") do
-    out[#out + 1] = tonumber(word) or word
-  end
-  return out
+    local out = {}
+    for word in (os.getenv(name) or default):gmatch("%S+") do
+        out[#out + 1] = tonumber(word) or word
+    end
+    return out
 end
 
 local WORKERS = list("SCALE_WORKERS", "1 8 16 32")
@@ -46,7 +46,7 @@ local WARM = tonumber(os.getenv("SCALE_WARM")) or 3
 local ROUNDS = tonumber(os.getenv("SCALE_ROUNDS")) or 3
 local OUT = os.getenv("SCALE_OUT") or "bench/results"
 
-local CLK_TCK = 100  -- getconf CLK_TCK on Linux
+local CLK_TCK = 100 -- getconf CLK_TCK on Linux
 
 -- What each worker runs: a 1-second timer that dirties every key once and
 -- records how many dict writes this worker has made so far.
@@ -111,27 +111,27 @@ location = /writes {
 ]]
 
 local function cpu_ticks(pids)
-  local sum = 0
-  for _, pid in ipairs(pids) do
-    local f = io.open("/proc/" .. pid .. "/stat")
-    if f then
-      local stat = f:read("*a")
-      f:close()
-      local fields = {}
-      for w in stat:match(".*%) (.*)"):gmatch("%S+") do
-        fields[#fields + 1] = w
-      end
-      -- after the comm field: state is 1, utime 12, stime 13
-      sum = sum + tonumber(fields[12]) + tonumber(fields[13])
+    local sum = 0
+    for _, pid in ipairs(pids) do
+        local f = io.open("/proc/" .. pid .. "/stat")
+        if f then
+            local stat = f:read("*a")
+            f:close()
+            local fields = {}
+            for w in stat:match(".*%) (.*)"):gmatch("%S+") do
+                fields[#fields + 1] = w
+            end
+            -- after the comm field: state is 1, utime 12, stime 13
+            sum = sum + tonumber(fields[12]) + tonumber(fields[13])
+        end
     end
-  end
-  return sum
+    return sum
 end
 
 local function writes(srv)
-  local status, body = srv:get("/writes")
-  assert(status == 200, "GET /writes: " .. tostring(status))
-  return tonumber(body)
+    local status, body = srv:get("/writes")
+    assert(status == 200, "GET /writes: " .. tostring(status))
+    return tonumber(body)
 end
 
 -- The stage holds each key once in a 192-byte slot. Four slots per key:
@@ -142,107 +142,147 @@ end
 -- Its bytes come out of the dict's zone, so the dict grows by as much (for
 -- every contender, to compare like with like).
 local function stage_bytes(k)
-  return k * 192 * 4 + 1048576
+    return k * 192 * 4 + 1048576
 end
 
 local function measure(mode, n, k)
-  local dict_mb = math.max(16, math.ceil(k * 600 / 1e6) + 8)
-                  + math.ceil(stage_bytes(k) / 2^20)
-  local srv = nginx.start{
-    workers = n,
-    http = (HTTP:gsub("%${([%w_]+)}", { MODE = mode, KEYS = tostring(k),
-                                     DICT_MB = tostring(dict_mb),
-                                     STAGE_BYTES = tostring(stage_bytes(k)) })),
-    server = SERVER,
-  }
-  socket.sleep(WARM)
-  local pids = srv:worker_pids()
-  local c0, w0, t0 = cpu_ticks(pids), writes(srv), socket.gettime()
-  socket.sleep(SECS)
-  local c1, w1, t1 = cpu_ticks(pids), writes(srv), socket.gettime()
-  local log = srv:error_log()
-  srv:stop()
-  local errors = select(2, log:gsub("%[error%]", "")) + select(2, log:gsub("%[alert%]", ""))
-  local secs = t1 - t0
-  return (c1 - c0) * 1000 / CLK_TCK / secs, (w1 - w0) / secs, errors
+    local dict_mb = math.max(16, math.ceil(k * 600 / 1e6) + 8)
+        + math.ceil(stage_bytes(k) / 2 ^ 20)
+    local srv = nginx.start({
+        workers = n,
+        http = (HTTP:gsub("%${([%w_]+)}", {
+            MODE = mode,
+            KEYS = tostring(k),
+            DICT_MB = tostring(dict_mb),
+            STAGE_BYTES = tostring(stage_bytes(k)),
+        })),
+        server = SERVER,
+    })
+    socket.sleep(WARM)
+    local pids = srv:worker_pids()
+    local c0, w0, t0 = cpu_ticks(pids), writes(srv), socket.gettime()
+    socket.sleep(SECS)
+    local c1, w1, t1 = cpu_ticks(pids), writes(srv), socket.gettime()
+    local log = srv:error_log()
+    srv:stop()
+    local errors = select(2, log:gsub("%[error%]", ""))
+        + select(2, log:gsub("%[alert%]", ""))
+    local secs = t1 - t0
+    return (c1 - c0) * 1000 / CLK_TCK / secs, (w1 - w0) / secs, errors
 end
 
 local function median(t)
-  local s = {}
-  for i, v in ipairs(t) do
-    s[i] = v
-  end
-  table.sort(s)
-  local n = #s
-  if n == 0 then
-    return 0 / 0
-  end
-  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+    local s = {}
+    for i, v in ipairs(t) do
+        s[i] = v
+    end
+    table.sort(s)
+    local n = #s
+    if n == 0 then
+        return 0 / 0
+    end
+    return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
 end
 
 os.execute("mkdir -p " .. OUT)
 local csv = assert(io.open(OUT .. "/scale.csv", "w"))
 csv:write("workers,keys,contender,round,cpu_ms_per_s,writes_per_s,errors\n")
 
-local results = {}  -- [n][k][mode] = { cpu = {...}, writes = {...} }
+local results = {} -- [n][k][mode] = { cpu = {...}, writes = {...} }
 for _, n in ipairs(WORKERS) do
-  results[n] = {}
-  for _, k in ipairs(KEYS) do
-    results[n][k] = {}
-    for _, m in ipairs(CONTENDERS) do
-      results[n][k][m] = { cpu = {}, writes = {}, errors = 0 }
+    results[n] = {}
+    for _, k in ipairs(KEYS) do
+        results[n][k] = {}
+        for _, m in ipairs(CONTENDERS) do
+            results[n][k][m] = { cpu = {}, writes = {}, errors = 0 }
+        end
+        for round = 1, ROUNDS do
+            for i = 1, #CONTENDERS do
+                local m = CONTENDERS[(i + round - 2) % #CONTENDERS + 1]
+                local cpu, w, errs = measure(m, n, k)
+                local r = results[n][k][m]
+                r.cpu[#r.cpu + 1], r.writes[#r.writes + 1] = cpu, w
+                r.errors = r.errors + errs
+                csv:write(
+                    ("%d,%d,%s,%d,%.2f,%.0f,%d\n"):format(
+                        n,
+                        k,
+                        m,
+                        round,
+                        cpu,
+                        w,
+                        errs
+                    )
+                )
+                csv:flush()
+                io.stderr:write(
+                    ("scale: N=%d K=%d %-8s round %d: %.1f ms/s, %.0f writes/s\n"):format(
+                        n,
+                        k,
+                        m,
+                        round,
+                        cpu,
+                        w
+                    )
+                )
+            end
+        end
     end
-    for round = 1, ROUNDS do
-      for i = 1, #CONTENDERS do
-        local m = CONTENDERS[(i + round - 2) % #CONTENDERS + 1]
-        local cpu, w, errs = measure(m, n, k)
-        local r = results[n][k][m]
-        r.cpu[#r.cpu + 1], r.writes[#r.writes + 1] = cpu, w
-        r.errors = r.errors + errs
-        csv:write(("%d,%d,%s,%d,%.2f,%.0f,%d\n"):format(n, k, m, round, cpu, w, errs))
-        csv:flush()
-        io.stderr:write(("scale: N=%d K=%d %-8s round %d: %.1f ms/s, %.0f writes/s\n")
-                        :format(n, k, m, round, cpu, w))
-      end
-    end
-  end
 end
 csv:close()
 
 -- Summary: CPU beyond the control, ratio to the original, writes per
 -- interval as a multiple of K.
-local blocks = {}  -- [k] = { header, rows of scale.dat }
-print(("%-4s %-6s %-9s %12s %10s %14s %7s"):format("N", "K", "contender",
-      "cpu ms/s", "x orig", "writes/(K)", "errors"))
+local blocks = {} -- [k] = { header, rows of scale.dat }
+print(
+    ("%-4s %-6s %-9s %12s %10s %14s %7s"):format(
+        "N",
+        "K",
+        "contender",
+        "cpu ms/s",
+        "x orig",
+        "writes/(K)",
+        "errors"
+    )
+)
 for _, n in ipairs(WORKERS) do
-  for _, k in ipairs(KEYS) do
-    local r = results[n][k]
-    local control = r.control and median(r.control.cpu) or 0
-    local orig = r.original and median(r.original.cpu) - control
-    local row = { n }
-    for _, m in ipairs(CONTENDERS) do
-      if m ~= "control" then
-        local cpu = median(r[m].cpu) - control
-        local w = m == "original" and n * k or median(r[m].writes)
-        print(("%-4d %-6d %-9s %12.1f %10s %14.2f %7d"):format(n, k, m, cpu,
-              orig and ("%.2fx"):format(cpu / orig) or "-", w / k, r[m].errors))
-        row[#row + 1] = ("%.2f"):format(cpu)
-      end
-    end
-    if not blocks[k] then
-      local head = { "workers" }
-      for _, m in ipairs(CONTENDERS) do
-        if m ~= "control" then
-          head[#head + 1] = ('"%s, %dk keys"'):format(m, k / 1000)
+    for _, k in ipairs(KEYS) do
+        local r = results[n][k]
+        local control = r.control and median(r.control.cpu) or 0
+        local orig = r.original and median(r.original.cpu) - control
+        local row = { n }
+        for _, m in ipairs(CONTENDERS) do
+            if m ~= "control" then
+                local cpu = median(r[m].cpu) - control
+                local w = m == "original" and n * k or median(r[m].writes)
+                print(
+                    ("%-4d %-6d %-9s %12.1f %10s %14.2f %7d"):format(
+                        n,
+                        k,
+                        m,
+                        cpu,
+                        orig and ("%.2fx"):format(cpu / orig) or "-",
+                        w / k,
+                        r[m].errors
+                    )
+                )
+                row[#row + 1] = ("%.2f"):format(cpu)
+            end
         end
-      end
-      blocks[k] = { table.concat(head, " ") }
+        if not blocks[k] then
+            local head = { "workers" }
+            for _, m in ipairs(CONTENDERS) do
+                if m ~= "control" then
+                    head[#head + 1] = ('"%s, %dk keys"'):format(m, k / 1000)
+                end
+            end
+            blocks[k] = { table.concat(head, " ") }
+        end
+        table.insert(blocks[k], table.concat(row, " "))
     end
-    table.insert(blocks[k], table.concat(row, " "))
-  end
 end
 local plot = assert(io.open(OUT .. "/scale.dat", "w"))
 for i, k in ipairs(KEYS) do
-  plot:write(i > 1 and "\n\n" or "", table.concat(blocks[k], "\n"), "\n")
+    plot:write(i > 1 and "\n\n" or "", table.concat(blocks[k], "\n"), "\n")
 end
 plot:close()

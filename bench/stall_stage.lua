@@ -13,8 +13,8 @@
 -- the OS scheduler's delays are in every contender too.
 
 package.path = "./?.lua;" .. package.path
-local nginx = require "spec.support.nginx"
-local socket = require "socket"
+local nginx = require("spec.support.nginx")
+local socket = require("socket")
 
 local WORKERS = tonumber(os.getenv("STALL_WORKERS")) or 32
 local KEYS = tonumber(os.getenv("STALL_KEYS")) or 100000
@@ -88,31 +88,44 @@ location = /worst {
 ]]
 
 local function run(mode)
-  local stage = KEYS * 192 * 2 + 1048576
-  local dict_mb = math.ceil(KEYS * 600 / 1e6) + 8 + math.ceil(stage / 2^20)
-  local srv = nginx.start{
-    workers = WORKERS,
-    http = (HTTP:gsub("%${([%w_]+)}", { MODE = mode, KEYS = tostring(KEYS),
-                                     DICT_MB = tostring(dict_mb),
-                                     STAGE = tostring(stage),
-                                     WARM = tostring(WARM) })),
-    server = SERVER,
-  }
-  socket.sleep(WARM + SECS)
-  local _, body = srv:get("/worst")
-  srv:stop()
-  local t = {}
-  for v in (body or ""):gmatch("%S+") do
-    t[#t + 1] = tonumber(v) * 1e3
-  end
-  table.sort(t)
-  return t[#t] or 0 / 0, t[math.ceil(#t / 2)] or 0 / 0, #t
+    local stage = KEYS * 192 * 2 + 1048576
+    local dict_mb = math.ceil(KEYS * 600 / 1e6) + 8 + math.ceil(stage / 2 ^ 20)
+    local srv = nginx.start({
+        workers = WORKERS,
+        http = (HTTP:gsub("%${([%w_]+)}", {
+            MODE = mode,
+            KEYS = tostring(KEYS),
+            DICT_MB = tostring(dict_mb),
+            STAGE = tostring(stage),
+            WARM = tostring(WARM),
+        })),
+        server = SERVER,
+    })
+    socket.sleep(WARM + SECS)
+    local _, body = srv:get("/worst")
+    srv:stop()
+    local t = {}
+    for v in (body or ""):gmatch("%S+") do
+        t[#t + 1] = tonumber(v) * 1e3
+    end
+    table.sort(t)
+    return t[#t] or 0 / 0, t[math.ceil(#t / 2)] or 0 / 0, #t
 end
 
-print(("stall: %d workers, %d keys, %d s after %d s warm-up"):format(
-  WORKERS, KEYS, SECS, WARM))
-for _, mode in ipairs{ "control", "stage", "direct" } do
-  local worst, median, n = run(mode)
-  print(("%-8s worst %7.1f ms, median of per-worker worsts %7.1f ms "
-         .. "(%d workers)"):format(mode, worst, median, n))
+print(
+    ("stall: %d workers, %d keys, %d s after %d s warm-up"):format(
+        WORKERS,
+        KEYS,
+        SECS,
+        WARM
+    )
+)
+for _, mode in ipairs({ "control", "stage", "direct" }) do
+    local worst, median, n = run(mode)
+    print(
+        (
+            "%-8s worst %7.1f ms, median of per-worker worsts %7.1f ms "
+            .. "(%d workers)"
+        ):format(mode, worst, median, n)
+    )
 end

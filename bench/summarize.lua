@@ -11,14 +11,17 @@ assert(raw_path and out_dir, "usage: summarize.lua RAW_CSV OUT_DIR [SECONDS]")
 
 local fmt = string.format
 
-local samples = {}   -- "figure|mode|size|contender|metric" -> { values }
+local samples = {} -- "figure|mode|size|contender|metric" -> { values }
 
 for l in io.lines(raw_path) do
     local figure, mode, size, contender, round, metric, value =
         l:match("^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)")
     -- Round 0 is a warm-up, but carries the run-wide checks ("all").
-    if figure and figure ~= "figure"
-       and (tonumber(round) ~= 0 or contender == "all") then
+    if
+        figure
+        and figure ~= "figure"
+        and (tonumber(round) ~= 0 or contender == "all")
+    then
         local id = table.concat({ figure, mode, size, contender, metric }, "|")
         samples[id] = samples[id] or {}
         table.insert(samples[id], tonumber(value))
@@ -42,14 +45,14 @@ local function median(t)
 end
 
 local function get(figure, mode, size, contender, metric)
-    local t = samples[table.concat({ figure, mode, size, contender, metric },
-                                   "|")]
+    local t =
+        samples[table.concat({ figure, mode, size, contender, metric }, "|")]
     return median(t), t
 end
 
 local function all_of(figure, mode, size, contender, metric, pred)
-    local t = samples[table.concat({ figure, mode, size, contender, metric },
-                                   "|")]
+    local t =
+        samples[table.concat({ figure, mode, size, contender, metric }, "|")]
     if not t then
         return nil
     end
@@ -96,9 +99,14 @@ local function mode_text(mode)
 end
 
 local function label(c)
-    return ({ proj = "project", ref = "reference", plain = "dict:incr",
-              floor = "floor (direct FFI)", none = "no counter",
-              none2 = "no counter (A/A control)" })[c] or c
+    return ({
+        proj = "project",
+        ref = "reference",
+        plain = "dict:incr",
+        floor = "floor (direct FFI)",
+        none = "no counter",
+        none2 = "no counter (A/A control)",
+    })[c] or c
 end
 
 ---------------------------------------------------------------------------
@@ -111,16 +119,35 @@ for _, mode in ipairs({ "jit", "interp" }) do
             local name = fmt("hot path, %s keys, %s", size, mode_text(mode))
             local v = get("hot", mode, size, "proj", "ns_per_incr")
             if v then
-                row { name = name, contender = label("proj"), value = v,
-                      unit = "ns/incr", ratio = v / base, vs = "reference",
-                      goal = fmt("<= %.2fx", limit), pass = v / base <= limit }
+                row({
+                    name = name,
+                    contender = label("proj"),
+                    value = v,
+                    unit = "ns/incr",
+                    ratio = v / base,
+                    vs = "reference",
+                    goal = fmt("<= %.2fx", limit),
+                    pass = v / base <= limit,
+                })
             end
-            row { name = name, contender = label("ref"), value = base,
-                  unit = "ns/incr", ratio = 1, vs = "reference" }
+            row({
+                name = name,
+                contender = label("ref"),
+                value = base,
+                unit = "ns/incr",
+                ratio = 1,
+                vs = "reference",
+            })
             local p = get("hot", mode, size, "plain", "ns_per_incr")
             if p then
-                row { name = name, contender = label("plain"), value = p,
-                      unit = "ns/incr", ratio = p / base, vs = "reference" }
+                row({
+                    name = name,
+                    contender = label("plain"),
+                    value = p,
+                    unit = "ns/incr",
+                    ratio = p / base,
+                    vs = "reference",
+                })
             end
         end
     end
@@ -136,21 +163,40 @@ for _, mode in ipairs({ "jit", "interp" }) do
             local exact = get("sync", mode, size, "all", "wrong_keys") == 0
             local v = get("sync", mode, size, "proj", "ns_per_key")
             if v then
-                local ok = all_of("sync", mode, size, "proj", "ok",
-                                  function(x) return x == 1 end)
-                row { name = name, contender = label("proj"), value = v,
-                      unit = "ns/key", ratio = v / base, vs = "floor",
-                      goal = fmt("<= %.2fx", limit),
-                      pass = v / base <= limit and ok and exact,
-                      note = not (ok and exact) and "counts wrong" or nil }
+                local ok = all_of("sync", mode, size, "proj", "ok", function(x)
+                    return x == 1
+                end)
+                row({
+                    name = name,
+                    contender = label("proj"),
+                    value = v,
+                    unit = "ns/key",
+                    ratio = v / base,
+                    vs = "floor",
+                    goal = fmt("<= %.2fx", limit),
+                    pass = v / base <= limit and ok and exact,
+                    note = not (ok and exact) and "counts wrong" or nil,
+                })
             end
             local r = get("sync", mode, size, "ref", "ns_per_key")
             if r then
-                row { name = name, contender = label("ref"), value = r,
-                      unit = "ns/key", ratio = r / base, vs = "floor" }
+                row({
+                    name = name,
+                    contender = label("ref"),
+                    value = r,
+                    unit = "ns/key",
+                    ratio = r / base,
+                    vs = "floor",
+                })
             end
-            row { name = name, contender = label("floor"), value = base,
-                  unit = "ns/key", ratio = 1, vs = "floor" }
+            row({
+                name = name,
+                contender = label("floor"),
+                value = base,
+                unit = "ns/key",
+                ratio = 1,
+                vs = "floor",
+            })
         end
     end
 end
@@ -169,8 +215,8 @@ for s in pairs(stall_sizes) do
 end
 table.sort(sizes)
 local function max_of(figure, mode, size, contender, metric)
-    local t = samples[table.concat({ figure, mode, size, contender, metric },
-                                   "|")]
+    local t =
+        samples[table.concat({ figure, mode, size, contender, metric }, "|")]
     local m
     for _, v in ipairs(t or {}) do
         m = math.max(m or v, v)
@@ -192,12 +238,21 @@ for _, n in ipairs(sizes) do
         if v then
             local goal = c ~= "ref" and c ~= "none" and required[n]
             local io = get("stall", "jit", size, c, "io_interval_worst_ms")
-            row { name = name, contender = label(c), value = v, unit = "ms",
-                  ratio = base and v / base, vs = "reference",
-                  goal = when(goal, "<= 2 ms"), pass = when(goal, v <= 2),
-                  note = fmt("max %.1f ms; I/O probe %.1f ms",
-                             max_of("stall", "jit", size, c, "worst_ms"),
-                             io or 0 / 0) }
+            row({
+                name = name,
+                contender = label(c),
+                value = v,
+                unit = "ms",
+                ratio = base and v / base,
+                vs = "reference",
+                goal = when(goal, "<= 2 ms"),
+                pass = when(goal, v <= 2),
+                note = fmt(
+                    "max %.1f ms; I/O probe %.1f ms",
+                    max_of("stall", "jit", size, c, "worst_ms"),
+                    io or 0 / 0
+                ),
+            })
         end
     end
 end
@@ -208,22 +263,28 @@ for id in pairs(samples) do
     local size = id:match("^stall_pending|jit|(%d+)|proj|" .. METRIC .. "$")
     if size then
         local name = fmt("stall, %dk keys pending (dict full)", size / 1000)
-        local pending = get("stall_pending", "jit", size, "proj",
-                            "pending_keys")
+        local pending =
+            get("stall_pending", "jit", size, "proj", "pending_keys")
         for _, c in ipairs({ "proj", "none" }) do
             local v = get("stall_pending", "jit", size, c, METRIC)
             if v then
                 local goal = c == "proj"
-                local io = get("stall_pending", "jit", size, c,
-                               "io_interval_worst_ms")
-                row { name = name, contender = label(c), value = v,
-                      unit = "ms", goal = when(goal, "<= 2 ms"),
-                      pass = when(goal, v <= 2 and (pending or 0) > 0),
-                      note = fmt("max %.1f ms; I/O probe %.1f ms%s",
-                                 max_of("stall_pending", "jit", size, c,
-                                        "worst_ms"), io or 0 / 0,
-                                 goal and fmt("; %d keys pending",
-                                              pending or 0) or "") }
+                local io =
+                    get("stall_pending", "jit", size, c, "io_interval_worst_ms")
+                row({
+                    name = name,
+                    contender = label(c),
+                    value = v,
+                    unit = "ms",
+                    goal = when(goal, "<= 2 ms"),
+                    pass = when(goal, v <= 2 and (pending or 0) > 0),
+                    note = fmt(
+                        "max %.1f ms; I/O probe %.1f ms%s",
+                        max_of("stall_pending", "jit", size, c, "worst_ms"),
+                        io or 0 / 0,
+                        goal and fmt("; %d keys pending", pending or 0) or ""
+                    ),
+                })
             end
         end
     end
@@ -236,17 +297,37 @@ do
         local name = "contention, 2 workers, 64 shared keys"
         for _, c in ipairs({ "proj", "ref" }) do
             local v = get("contention", "jit", "64", c, "ns_per_incr")
-            local exact = all_of("contention", "jit", "64", c, "exact",
-                                 function(x) return x == 1 end)
+            local exact = all_of(
+                "contention",
+                "jit",
+                "64",
+                c,
+                "exact",
+                function(x)
+                    return x == 1
+                end
+            )
             if v then
-                row { name = name, contender = label(c), value = v,
-                      unit = "ns/incr", ratio = v / base, vs = "dict:incr",
-                      goal = c == "proj" and "< 1x, exact" or nil,
-                      pass = when(c == "proj", v < base and exact) }
+                row({
+                    name = name,
+                    contender = label(c),
+                    value = v,
+                    unit = "ns/incr",
+                    ratio = v / base,
+                    vs = "dict:incr",
+                    goal = c == "proj" and "< 1x, exact" or nil,
+                    pass = when(c == "proj", v < base and exact),
+                })
             end
         end
-        row { name = name, contender = label("plain"), value = base,
-              unit = "ns/incr", ratio = 1, vs = "dict:incr" }
+        row({
+            name = name,
+            contender = label("plain"),
+            value = base,
+            unit = "ns/incr",
+            ratio = 1,
+            vs = "dict:incr",
+        })
     end
 end
 
@@ -258,10 +339,16 @@ do
         for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "rps")
             if v then
-                row { name = name, contender = label(c), value = v,
-                      unit = "req/s", ratio = v / base, vs = "no counter",
-                      goal = c == "proj" and ">= 0.98x" or nil,
-                      pass = when(c == "proj", v / base >= 0.98) }
+                row({
+                    name = name,
+                    contender = label(c),
+                    value = v,
+                    unit = "req/s",
+                    ratio = v / base,
+                    vs = "no counter",
+                    goal = c == "proj" and ">= 0.98x" or nil,
+                    pass = when(c == "proj", v / base >= 0.98),
+                })
             end
         end
         -- The same goal through the worker's CPU time per request, which a
@@ -270,11 +357,16 @@ do
         for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "cpu_us_per_req")
             if v and cb then
-                row { name = "end to end, worker CPU per request",
-                      contender = label(c), value = v, unit = "us",
-                      ratio = v / cb, vs = "no counter",
-                      goal = when(c == "proj", "<= 1.02x"),
-                      pass = when(c == "proj", v / cb <= 1 / 0.98) }
+                row({
+                    name = "end to end, worker CPU per request",
+                    contender = label(c),
+                    value = v,
+                    unit = "us",
+                    ratio = v / cb,
+                    vs = "no counter",
+                    goal = when(c == "proj", "<= 1.02x"),
+                    pass = when(c == "proj", v / cb <= 1 / 0.98),
+                })
             end
         end
         -- The best round of each: noise on a shared machine only ever slows
@@ -283,18 +375,28 @@ do
         for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = max_of("e2e", "jit", "5", c, "rps")
             if v then
-                row { name = "end to end, best round", contender = label(c),
-                      value = v, unit = "req/s", ratio = v / bb,
-                      vs = "no counter" }
+                row({
+                    name = "end to end, best round",
+                    contender = label(c),
+                    value = v,
+                    unit = "req/s",
+                    ratio = v / bb,
+                    vs = "no counter",
+                })
             end
         end
         for _, c in ipairs({ "proj", "ref", "plain", "none2", "none" }) do
             local v = get("e2e", "jit", "5", c, "p99_ms")
             local b = get("e2e", "jit", "5", "none", "p99_ms")
             if v then
-                row { name = "end to end, p99 latency", contender = label(c),
-                      value = v, unit = "ms", ratio = b and v / b,
-                      vs = "no counter" }
+                row({
+                    name = "end to end, p99 latency",
+                    contender = label(c),
+                    value = v,
+                    unit = "ms",
+                    ratio = b and v / b,
+                    vs = "no counter",
+                })
             end
         end
     end
@@ -319,9 +421,12 @@ for _, r in ipairs(rows) do
     end
     r.result = result
     lines[#lines + 1] = {
-        r.name, r.contender, num(r.value, r.unit),
+        r.name,
+        r.contender,
+        num(r.value, r.unit),
         r.ratio and fmt("%.2fx %s", r.ratio, r.vs) or "-",
-        r.goal or "", result,
+        r.goal or "",
+        result,
     }
 end
 
@@ -359,8 +464,13 @@ end
 print()
 local sleep0 = get("stall", "jit", "0", "all", "sleep0_warn_lines")
 if sleep0 and sleep0 > 0 then
-    print(fmt("note: nginx logged %d \"ngx.sleep(0) called without delayed "
-              .. "events patch\" warnings during the stall figure", sleep0))
+    print(
+        fmt(
+            'note: nginx logged %d "ngx.sleep(0) called without delayed '
+                .. 'events patch" warnings during the stall figure',
+            sleep0
+        )
+    )
 end
 print(fmt("goals: %d pass, %d miss", tally[1], tally[2]))
 if seconds then
@@ -370,9 +480,19 @@ end
 local f = assert(io.open(out_dir .. "/summary.csv", "w"))
 f:write("figure,contender,median,unit,ratio,vs,goal,result\n")
 for _, r in ipairs(rows) do
-    f:write(fmt("%q,%s,%.6g,%s,%s,%s,%q,%s\n", r.name, r.contender, r.value,
-                r.unit, r.ratio and fmt("%.4f", r.ratio) or "",
-                r.vs or "", r.goal or "", r.result))
+    f:write(
+        fmt(
+            "%q,%s,%.6g,%s,%s,%s,%q,%s\n",
+            r.name,
+            r.contender,
+            r.value,
+            r.unit,
+            r.ratio and fmt("%.4f", r.ratio) or "",
+            r.vs or "",
+            r.goal or "",
+            r.result
+        )
+    )
 end
 f:close()
 

@@ -58,7 +58,7 @@ pub struct SyncResult {
     /// 1 when every delta arrived and none is pending: the sync's result.
     pub ok: i32,
     /// Handed-over deltas that did not arrive (kept or dropped), the cap's
-    /// drops apart; each got a per-key outcome code from `flusher_add`.
+    /// drops apart; each got a per-key outcome code from `flusher_write`.
     pub failed: f64,
     /// Handed-over deltas whose write evicted other entries.
     pub evicted: f64,
@@ -93,12 +93,12 @@ pub struct CStats {
 }
 
 /// One worker's flush state for one dict, opaque to C.
-pub struct Handle {
+pub struct FlusherHandle {
     pub(crate) flusher: Flusher<ShDict>,
 }
 
-/// Runs `f`, turning a panic into `on_panic`.
-fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
+/// Runs `f`, turning a panic into `on_panic`: every export's body.
+pub(crate) fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
 
@@ -170,7 +170,7 @@ pub extern "C" fn resty_counter_clock() -> f64 {
 ///
 /// `subsystem` (`ngx.config.subsystem`, not NUL-terminated) picks the entry
 /// point (`http` or `stream`, the meta module's as fallback); `zone_udata` is
-/// `dict[1]`. `max_keys` and `max_bytes` cap pending deltas (0: default).
+/// `dict[1]`. Pending deltas are capped by [`Limits::default`].
 ///
 /// # Safety
 /// `subsystem` must point at `subsystem_len` readable bytes (or be NULL with
@@ -185,10 +185,8 @@ pub unsafe extern "C" fn resty_counter_flusher_new(
     subsystem: *const u8,
     subsystem_len: usize,
     zone_udata: *mut c_void,
-    max_keys: u32,
-    max_bytes: f64,
     err: *mut i32,
-) -> *mut Handle {
+) -> *mut FlusherHandle {
     let mut code = RC_PANIC;
     let handle = guard(ptr::null_mut(), || {
         // SAFETY: the caller guarantees subsystem_len readable bytes.
@@ -209,30 +207,14 @@ pub unsafe extern "C" fn resty_counter_flusher_new(
             }
         };
         code = RC_STORED;
-        let flusher = Flusher::new(dict, limits(max_keys, max_bytes));
-        Box::into_raw(Box::new(Handle { flusher }))
+        let flusher = Flusher::new(dict, Limits::default());
+        Box::into_raw(Box::new(FlusherHandle { flusher }))
     });
     if !err.is_null() {
         // SAFETY: err is non-NULL and the caller guarantees it is writable.
         unsafe { *err = code };
     }
     handle
-}
-
-fn limits(max_keys: u32, max_bytes: f64) -> Limits {
-    let d = Limits::default();
-    Limits {
-        max_keys: if max_keys == 0 {
-            d.max_keys
-        } else {
-            max_keys as usize
-        },
-        max_bytes: if max_bytes.is_finite() && max_bytes >= 1.0 {
-            max_bytes as usize
-        } else {
-            d.max_bytes
-        },
-    }
 }
 
 /// Frees a handle; NULL is a no-op. Pending deltas are discarded: the shim
@@ -243,7 +225,7 @@ fn limits(max_keys: u32, max_bytes: f64) -> Limits {
 /// `h` must be NULL or a handle from `resty_counter_flusher_new` not freed
 /// before.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_free(h: *mut Handle) {
+pub unsafe extern "C" fn resty_counter_flusher_free(h: *mut FlusherHandle) {
     guard((), || {
         if !h.is_null() {
             // SAFETY: h came from Box::into_raw and is freed only here, once.
@@ -262,19 +244,16 @@ pub unsafe extern "C" fn resty_counter_flusher_free(h: *mut Handle) {
 /// `RC_NULL`, `RC_BAD_KEY`, `RC_BAD_DELTA` (nothing changed), `RC_PANIC`;
 /// otherwise one of the `>= 0` outcome codes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_add(
-    h: *mut Handle,
+pub unsafe extern "C" fn resty_counter_flusher_write(
+    h: *mut FlusherHandle,
     key: *const u8,
     key_len: usize,
     delta: f64,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live and not aliased during the call.
-        let Some(h) = (unsafe { h.as_mut() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: the caller guarantees key_len readable bytes at key.
-        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+        // SAFETY: h is NULL or live and not aliased during the call; the
+        // caller guarantees key_len readable bytes at key.
+        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
             return RC_NULL;
         };
         match h.flusher.add(key, delta) {
@@ -293,7 +272,7 @@ pub unsafe extern "C" fn resty_counter_flusher_add(
 /// # Errors
 /// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_begin(h: *mut Handle) -> i32 {
+pub unsafe extern "C" fn resty_counter_flusher_begin(h: *mut FlusherHandle) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
@@ -313,7 +292,7 @@ pub unsafe extern "C" fn resty_counter_flusher_begin(h: *mut Handle) -> i32 {
 /// # Errors
 /// `RC_NULL` or `RC_PANIC` (negative).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64) -> i32 {
+pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut FlusherHandle, budget: f64) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
@@ -336,7 +315,7 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut Handle, budget: f64
 /// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_flusher_end(
-    h: *mut Handle,
+    h: *mut FlusherHandle,
     error_metric: i32,
     out: *mut SyncResult,
 ) -> i32 {
@@ -380,7 +359,7 @@ pub unsafe extern "C" fn resty_counter_flusher_end(
 /// `RC_DROPPED_OTHER`; else `RC_STORED` or `RC_STORED_EVICTED`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_incr(
-    h: *mut Handle,
+    h: *mut FlusherHandle,
     key: *const u8,
     key_len: usize,
     value: f64,
@@ -388,12 +367,9 @@ pub unsafe extern "C" fn resty_counter_incr(
     new_value: *mut f64,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live and not aliased during the call.
-        let Some(h) = (unsafe { h.as_mut() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: the caller guarantees key_len readable bytes at key.
-        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+        // SAFETY: h is NULL or live and not aliased during the call; the
+        // caller guarantees key_len readable bytes at key.
+        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
             return RC_NULL;
         };
         if key.is_empty() || key.len() > MAX_KEY_LEN {
@@ -431,7 +407,10 @@ pub unsafe extern "C" fn resty_counter_incr(
 /// # Errors
 /// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_flusher_stats(h: *mut Handle, out: *mut CStats) -> i32 {
+pub unsafe extern "C" fn resty_counter_flusher_stats(
+    h: *mut FlusherHandle,
+    out: *mut CStats,
+) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live; only read.
         let Some(h) = (unsafe { h.as_ref() }) else {
@@ -466,12 +445,27 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(h: *mut Handle, out: *mut C
 ///
 /// # Safety
 /// `p` must be NULL or point at `len` readable bytes that outlive the use.
-unsafe fn bytes<'a>(p: *const u8, len: usize) -> Option<&'a [u8]> {
+pub(crate) unsafe fn bytes<'a>(p: *const u8, len: usize) -> Option<&'a [u8]> {
     if p.is_null() {
         return (len == 0).then_some(&[][..]);
     }
     // SAFETY: p is non-NULL and the caller guarantees len readable bytes.
     Some(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// The handle and the key of an export that takes both; `None` for a NULL
+/// handle, or a NULL key with a non-zero length.
+///
+/// # Safety
+/// `h` must be NULL or live and not aliased during the call; `key` must be
+/// NULL or point at `key_len` readable bytes that outlive the use.
+pub(crate) unsafe fn handle_and_key<'a, T>(
+    h: *mut T,
+    key: *const u8,
+    key_len: usize,
+) -> Option<(&'a mut T, &'a [u8])> {
+    // SAFETY: by this function's contract.
+    unsafe { Some((h.as_mut()?, bytes(key, key_len)?)) }
 }
 
 #[cfg(test)]
@@ -494,7 +488,7 @@ mod tests {
         // SAFETY: NULL handles are part of every export's contract.
         unsafe {
             assert_eq!(
-                resty_counter_flusher_add(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
+                resty_counter_flusher_write(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
                 RC_NULL
             );
             assert_eq!(resty_counter_flusher_begin(ptr::null_mut()), RC_NULL);
@@ -520,7 +514,7 @@ mod tests {
     #[test]
     fn incr_checks_key_and_numbers_through_the_abi() {
         let mut h = test_handle();
-        let hp: *mut Handle = &mut *h;
+        let hp: *mut FlusherHandle = &mut *h;
         let mut v = f64::NAN;
         // SAFETY: hp is live for the whole test; keys are valid slices.
         unsafe {
@@ -558,28 +552,18 @@ mod tests {
                 b"http".as_ptr(),
                 4,
                 (&mut udata as *mut u8).cast(),
-                0,
-                0.0,
                 &mut err,
             )
         };
         assert!(h.is_null());
         assert_eq!(err, RC_NO_SYMBOL);
         // SAFETY: a NULL zone and a NULL subsystem with length 3 are refused.
-        let h =
-            unsafe { resty_counter_flusher_new(ptr::null(), 3, ptr::null_mut(), 0, 0.0, &mut err) };
+        let h = unsafe { resty_counter_flusher_new(ptr::null(), 3, ptr::null_mut(), &mut err) };
         assert!(h.is_null());
         assert_eq!(err, RC_NULL);
         // SAFETY: err may be NULL.
         let h = unsafe {
-            resty_counter_flusher_new(
-                b"http".as_ptr(),
-                4,
-                ptr::null_mut(),
-                0,
-                0.0,
-                ptr::null_mut(),
-            )
+            resty_counter_flusher_new(b"http".as_ptr(), 4, ptr::null_mut(), ptr::null_mut())
         };
         assert!(h.is_null());
     }
@@ -587,20 +571,23 @@ mod tests {
     #[test]
     fn add_checks_key_and_delta_through_the_abi() {
         let mut h = test_handle();
-        let hp: *mut Handle = &mut *h;
+        let hp: *mut FlusherHandle = &mut *h;
         // SAFETY: hp is live for the whole test; keys are valid slices.
         unsafe {
             assert_eq!(
-                resty_counter_flusher_add(hp, ptr::null(), 0, 1.0),
+                resty_counter_flusher_write(hp, ptr::null(), 0, 1.0),
                 RC_BAD_KEY
             );
-            assert_eq!(resty_counter_flusher_add(hp, ptr::null(), 5, 1.0), RC_NULL);
             assert_eq!(
-                resty_counter_flusher_add(hp, b"k".as_ptr(), 1, f64::NAN),
+                resty_counter_flusher_write(hp, ptr::null(), 5, 1.0),
+                RC_NULL
+            );
+            assert_eq!(
+                resty_counter_flusher_write(hp, b"k".as_ptr(), 1, f64::NAN),
                 RC_BAD_DELTA
             );
             assert_eq!(
-                resty_counter_flusher_add(hp, b"k\0x".as_ptr(), 3, 2.0),
+                resty_counter_flusher_write(hp, b"k\0x".as_ptr(), 3, 2.0),
                 RC_STORED
             );
             assert_eq!(resty_counter_flusher_begin(hp), RC_STORED);
@@ -645,23 +632,10 @@ mod tests {
         assert!(a > 0.0 && b >= a);
     }
 
-    #[test]
-    fn limits_fall_back_to_defaults() {
-        assert_eq!(limits(0, 0.0), Limits::default());
-        assert_eq!(
-            limits(5, 100.0),
-            Limits {
-                max_keys: 5,
-                max_bytes: 100
-            }
-        );
-        assert_eq!(limits(0, f64::NAN).max_bytes, Limits::default().max_bytes);
-    }
-
     /// A handle over a stand-in dict that accepts everything.
-    fn test_handle() -> Box<Handle> {
+    fn test_handle() -> Box<FlusherHandle> {
         use crate::shdict::tests_support::accepting_dict;
-        Box::new(Handle {
+        Box::new(FlusherHandle {
             flusher: Flusher::new(accepting_dict(), Limits::default()),
         })
     }

@@ -8,10 +8,9 @@
 //! named by [`resty_counter_stage_strerror`].
 
 use std::ffi::{CStr, c_char, c_void};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
-use crate::ffi::Handle;
+use crate::ffi::{FlusherHandle, bytes, guard, handle_and_key};
 use crate::flush::{Outcome, Rejected};
 use crate::stage::{Lease, Published};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
@@ -56,28 +55,11 @@ pub struct StageHandle {
     folded: u64,
 }
 
-/// Runs `f`, turning a panic into `on_panic` (the guard of ffi.rs).
-fn guard<R>(on_panic: R, f: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(on_panic)
-}
-
 fn attach_code(e: AttachError) -> i32 {
     match ATTACH_ERRORS.iter().position(|x| *x == e) {
         Some(i) => RC_ATTACH - i as i32,
         None => RC_BAD_STAGE,
     }
-}
-
-/// A borrowed byte slice from a C (pointer, length).
-///
-/// # Safety
-/// `p` must be NULL or point at `len` readable bytes that outlive the use.
-unsafe fn bytes<'a>(p: *const u8, len: usize) -> Option<&'a [u8]> {
-    if p.is_null() {
-        return (len == 0).then_some(&[][..]);
-    }
-    // SAFETY: p is non-NULL and the caller guarantees len readable bytes.
-    Some(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
 /// A static, NUL-terminated message for a stage code.
@@ -188,12 +170,9 @@ pub unsafe extern "C" fn resty_counter_stage_publish(
     delta: f64,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live, not aliased during the call.
-        let Some(h) = (unsafe { h.as_mut() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: the caller guarantees key_len readable bytes.
-        let Some(key) = (unsafe { bytes(key, key_len) }) else {
+        // SAFETY: h is NULL or live and not aliased during the call; the
+        // caller guarantees key_len readable bytes at key.
+        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
             return RC_NULL;
         };
         match h.zs.stage.publish(h.zs.worker, key, delta) {
@@ -294,7 +273,7 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_stage_fold(
     h: *mut StageHandle,
-    f: *mut Handle,
+    f: *mut FlusherHandle,
     whole: i32,
     lease_ms: u32,
     budget: f64,

@@ -1,20 +1,22 @@
 //! resty.counter's native side: the flush of per-worker counters into an
 //! nginx shared dict, called from LuaJIT FFI by `lua/resty/counter.lua`.
 //!
-//! Where a count goes, by file:
+//! Where a count goes, by file (the one description; other file headers
+//! point here):
 //! - buffered: `lua/resty/counter.lua`, a Lua table per dict and worker
 //!   (the request path never crosses into Rust);
-//! - handed over: the shim calls `resty_counter_flusher_add` per key at
-//!   sync time (`ffi.rs`, the only exported functions);
-//! - flushed: [`flush::Flusher`] writes each delta into the dict, keeps
-//!   transient failures pending under a cap, and counts what happened;
+//! - handed over: at sync time the shim hands each `(key, delta)` to the
+//!   library (`ffi.rs` and `ffi_stage.rs`, the only exported functions);
+//! - staged (more than one worker): [`stage::Stage`] adds it into a
+//!   lock-free table in shared memory, allocated in the dict's own zone by
+//!   `zone.rs`; once per interval the worker holding the lease folds the
+//!   stage, one write per key, into the flusher (see `docs/DESIGN.md`);
+//! - flushed: [`flush::Flusher`] writes each delta into the dict (directly
+//!   with one worker, or for what the stage refuses, or from the fold),
+//!   keeps transient failures pending under a cap, and decides and reports
+//!   each sync's result;
 //! - into nginx: `shdict.rs` calls lua-nginx-module's
-//!   `*_ffi_shdict_incr` directly.
-//!
-//! - shared across workers (not wired into `sync()` yet): `stage.rs`, a
-//!   lock-free table in shared memory that every worker publishes into and
-//!   one lease holder folds into the dict; `zone.rs` allocates it in the
-//!   dict's own zone; `ffi_stage.rs` exports it. See `docs/DESIGN.md`.
+//!   `*_ffi_shdict_incr` and `*_ffi_shdict_store` directly.
 //!
 //! `unsafe` lives in `ffi.rs`, `ffi_stage.rs`, `shdict.rs` and `zone.rs`
 //! only, each block with a `// SAFETY:` line.

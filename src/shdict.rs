@@ -51,13 +51,13 @@ pub type StoreFn = unsafe extern "C" fn(
 /// `ngx_http_lua_ffi_shdict_udata_to_zone` (0.10.14 and later).
 pub type UdataToZoneFn = unsafe extern "C" fn(zone_udata: *mut c_void) -> *mut c_void;
 
-const NGX_OK: c_int = 0;
+pub(crate) const NGX_OK: c_int = 0;
 /// `NGX_HTTP_LUA_SHDICT_ADD`: store only if the key is missing.
-const SHDICT_ADD: c_int = 1;
+pub(crate) const SHDICT_ADD: c_int = 1;
 /// `NGX_HTTP_LUA_SHDICT_REPLACE`: store only if the key exists.
 const SHDICT_REPLACE: c_int = 2;
 /// `LUA_TNUMBER`: the stored value is `num_value`.
-const LUA_TNUMBER: c_int = 3;
+pub(crate) const LUA_TNUMBER: c_int = 3;
 /// How often a key may vanish and reappear between incr and add.
 const ATTEMPTS: usize = 3;
 

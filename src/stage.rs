@@ -289,6 +289,17 @@ impl Worker {
 }
 
 impl<'a> Stage<'a> {
+    /// The view of an initialised, checked region.
+    fn over(words: &'a [AtomicU64], p: Params) -> Self {
+        Stage {
+            words,
+            slots: p.slots,
+            key_words: p.key_words,
+            registry: p.registry,
+            seed: p.seed,
+        }
+    }
+
     /// Writes a new stage's header into `region` (which must be all zero:
     /// fresh memory nobody else uses yet). The magic is stored last with
     /// Release; attach reads it with Acquire.
@@ -309,13 +320,7 @@ impl<'a> Stage<'a> {
         h(H_TOTAL, p.region_words() as u64);
         h(H_EPOCH, 1);
         region[H_MAGIC].store(MAGIC, Release);
-        Ok(Stage {
-            words: region,
-            slots: p.slots,
-            key_words: p.key_words,
-            registry: p.registry,
-            seed: p.seed,
-        })
+        Ok(Stage::over(region, p))
     }
 
     /// Validates an existing stage: magic, version, sizes against the
@@ -354,13 +359,7 @@ impl<'a> Stage<'a> {
         if p.anchor != anchor {
             return Err(LayoutError::BadAnchor);
         }
-        Ok(Stage {
-            words: region,
-            slots: p.slots,
-            key_words: p.key_words,
-            registry: p.registry,
-            seed: p.seed,
-        })
+        Ok(Stage::over(region, p))
     }
 
     /// The region size a header claims, in words, read before attaching

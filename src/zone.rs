@@ -67,9 +67,7 @@ struct NgxShmZone {
 type SlabAllocFn = unsafe extern "C" fn(pool: *mut c_void, size: usize) -> *mut c_void;
 type SlabFreeFn = unsafe extern "C" fn(pool: *mut c_void, p: *mut c_void);
 
-const NGX_OK: c_int = 0;
-const SHDICT_ADD: c_int = 1;
-const LUA_TNUMBER: c_int = 3;
+use crate::shdict::{LUA_TNUMBER, NGX_OK, SHDICT_ADD};
 
 /// Why the stage cannot be used; the caller stays on the direct path and
 /// logs one WARN with [`AttachError::message`].

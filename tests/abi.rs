@@ -131,7 +131,7 @@ fn rust_to_c(ty: &str) -> String {
         "*const usize" => "const size_t*",
         "*const f64" => "const double*",
         "*mut c_void" => "void*",
-        "*mut Handle" => "resty_counter_flusher*",
+        "*mut FlusherHandle" => "resty_counter_flusher*",
         "*mut StageHandle" => "resty_counter_stage*",
         "*mut i32" => "int32_t*",
         "*mut f64" => "double*",

@@ -8,9 +8,9 @@
 -- (mode is "jit" or "interp", from jit.status() in this worker). bench/run
 -- collects the lines; bench/summarize.lua takes medians and ratios.
 
-local ffi = require "ffi"
-local counter = require "resty.counter"
-local reference = require "reference_counter"
+local ffi = require("ffi")
+local counter = require("resty.counter")
+local reference = require("reference_counter")
 
 local ngx = ngx
 local C = ffi.C
@@ -18,14 +18,14 @@ local tonumber = tonumber
 local tostring = tostring
 local fmt = string.format
 
-ffi.cdef [[
+ffi.cdef([[
 typedef struct { long tv_sec; long tv_nsec; } bench_timespec_t;
 int clock_gettime(int clk_id, bench_timespec_t *tp);
 int ngx_http_lua_ffi_shdict_incr(void *zone, const unsigned char *key,
     size_t key_len, double *value, char **err, int has_init,
     double init, long init_ttl, int *forcible);
 void *ngx_http_lua_ffi_shdict_udata_to_zone(void *zone_udata);
-]]
+]])
 
 local M = {}
 
@@ -49,8 +49,11 @@ function M.get_keys()
     if not keys then
         keys = {}
         for i = 1, MAX_KEYS do
-            keys[i] = fmt('bench_requests_total{route="/api/v1/item/%06d",'
-                          .. 'code="200"}', i)
+            keys[i] = fmt(
+                'bench_requests_total{route="/api/v1/item/%06d",'
+                    .. 'code="200"}',
+                i
+            )
         end
     end
     return keys
@@ -79,8 +82,17 @@ function M.rotate(list, round)
 end
 
 function M.line(out, figure, size, contender, round, metric, value, unit)
-    out[#out + 1] = fmt("%s,%s,%d,%s,%d,%s,%.6g,%s", figure, M.MODE, size,
-                        contender, round, metric, value, unit)
+    out[#out + 1] = fmt(
+        "%s,%s,%d,%s,%d,%s,%.6g,%s",
+        figure,
+        M.MODE,
+        size,
+        contender,
+        round,
+        metric,
+        value,
+        unit
+    )
 end
 
 -- The request's arguments, its n (keys) and its round.

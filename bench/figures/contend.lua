@@ -1,9 +1,10 @@
 -- Contention: every worker increments the same keys at the same moment.
 
-local common = require "figures.common"
+local common = require("figures.common")
 
 local ngx = ngx
-local now, get_keys, new_counter = common.now, common.get_keys, common.new_counter
+local now, get_keys, new_counter =
+    common.now, common.get_keys, common.new_counter
 local line, args, compile = common.line, common.args, common.compile
 local ceil = math.ceil
 local max = math.max
@@ -69,9 +70,15 @@ local function contend_job(ctl, go)
     end
     local t1 = now()
     local id = ngx.worker.id()
-    ctl:set(fmt("res:%d:%d", go, id),
-            fmt("%.17g,%.17g,%.17g", (t1 - t0) * 1e9 / (passes * CONTEND_KEYS),
-                t0, t1))
+    ctl:set(
+        fmt("res:%d:%d", go, id),
+        fmt(
+            "%.17g,%.17g,%.17g",
+            (t1 - t0) * 1e9 / (passes * CONTEND_KEYS),
+            t0,
+            t1
+        )
+    )
 end
 
 local function contend_poller(premature)
@@ -146,12 +153,36 @@ function M.contend()
     local passes = max(1, ceil(ops / CONTEND_KEYS))
     local added = total(ngx.shared.contend) - before
     local out = {}
-    line(out, "contention", CONTEND_KEYS, name, round, "ns_per_incr",
-         sum / workers, "ns")
-    line(out, "contention", CONTEND_KEYS, name, round, "overlap",
-         overlap, "share")
-    line(out, "contention", CONTEND_KEYS, name, round, "exact",
-         added == workers * passes * CONTEND_KEYS and 1 or 0, "bool")
+    line(
+        out,
+        "contention",
+        CONTEND_KEYS,
+        name,
+        round,
+        "ns_per_incr",
+        sum / workers,
+        "ns"
+    )
+    line(
+        out,
+        "contention",
+        CONTEND_KEYS,
+        name,
+        round,
+        "overlap",
+        overlap,
+        "share"
+    )
+    line(
+        out,
+        "contention",
+        CONTEND_KEYS,
+        name,
+        round,
+        "exact",
+        added == workers * passes * CONTEND_KEYS and 1 or 0,
+        "bool"
+    )
     ngx.print(concat(out, "\n"), "\n")
 end
 

@@ -1,8 +1,8 @@
 -- End to end: five counters per request, the same handler shape for every
 -- contender (bench/nginx.conf.in's /e2e/* locations).
 
-local counter = require "resty.counter"
-local reference = require "reference_counter"
+local counter = require("resty.counter")
+local reference = require("reference_counter")
 
 local ngx = ngx
 local concat = table.concat
@@ -47,9 +47,15 @@ end
 
 M.e2e = {
     none = function() end,
-    proj = function() count5(e2e.proj) end,
-    ref = function() count5(e2e.ref) end,
-    plain = function() count5_plain(e2e.plain) end,
+    proj = function()
+        count5(e2e.proj)
+    end,
+    ref = function()
+        count5(e2e.ref)
+    end,
+    plain = function()
+        count5_plain(e2e.plain)
+    end,
 }
 
 -- What the e2e counters hold, after their last sync.

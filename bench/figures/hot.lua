@@ -1,10 +1,12 @@
 -- Hot path: ns per c:incr(key, 1), keys already in the buffer.
 
-local common = require "figures.common"
+local common = require("figures.common")
 
 local ngx = ngx
-local now, get_keys, new_counter = common.now, common.get_keys, common.new_counter
-local rotate, line, args, compile = common.rotate, common.line, common.args, common.compile
+local now, get_keys, new_counter =
+    common.now, common.get_keys, common.new_counter
+local rotate, line, args, compile =
+    common.rotate, common.line, common.args, common.compile
 local ceil = math.ceil
 local min = math.min
 local max = math.max
@@ -32,7 +34,7 @@ local function hot_state(name, n)
         st.c = new_counter(name, "hot", nil)
         st.fn = compile(common.INCR_SRC, "hot_" .. id)
     end
-    st.fn(st.c, get_keys(), n, 1)  -- warm: keys in the buffer, trace made
+    st.fn(st.c, get_keys(), n, 1) -- warm: keys in the buffer, trace made
     hot_states[id] = st
     return st
 end
@@ -68,6 +70,5 @@ function M.hot()
     end
     ngx.print(concat(out, "\n"), "\n")
 end
-
 
 return M

@@ -1,10 +1,11 @@
 -- Stall: how late a 1 ms probe fires while a feeder dirties n keys per
 -- interval and the contender's automatic sync runs.
 
-local common = require "figures.common"
+local common = require("figures.common")
 
 local ngx = ngx
-local now, get_keys, new_counter = common.now, common.get_keys, common.new_counter
+local now, get_keys, new_counter =
+    common.now, common.get_keys, common.new_counter
 local line, args, compile = common.line, common.args, common.compile
 local floor = math.floor
 local ceil = math.ceil
@@ -19,7 +20,7 @@ local collectgarbage = collectgarbage
 local M = {}
 
 local stall_counters = {}
-local stall_warm = {}  -- "contender:n" -> a run at this size happened
+local stall_warm = {} -- "contender:n" -> a run at this size happened
 
 -- The pending case: a dict too small to hold even one of these keys (an
 -- empty 12k dict refuses a 100-byte key: spec/integration/full_dict_spec.lua),
@@ -185,7 +186,7 @@ function M.stall()
     local c = stall_counter(name, interval, pending)
     local keys = pending and get_pending_keys() or get_keys()
     collectgarbage()
-    if a.gc == "stop" then  -- diagnostic: is a stall the Lua GC's?
+    if a.gc == "stop" then -- diagnostic: is a stall the Lua GC's?
         collectgarbage("stop")
     end
 
@@ -236,43 +237,112 @@ function M.stall()
                 d[#d + 1] = fmt("%d:%.2f", i, lat[i] * 1e3)
             end
         end
-        ngx.log(ngx.WARN, "bench: stall ", name, " ", n, " late: ",
-                concat(d, " "))
+        ngx.log(
+            ngx.WARN,
+            "bench: stall ",
+            name,
+            " ",
+            n,
+            " late: ",
+            concat(d, " ")
+        )
     end
     sort(lat)
     line(out, figure, n, name, round, "worst_ms", lat[#lat] * 1e3, "ms")
-    line(out, figure, n, name, round, "p99_ms", percentile(lat, 0.99) * 1e3,
-         "ms")
-    line(out, figure, n, name, round, "median_ms",
-         percentile(lat, 0.5) * 1e3, "ms")
+    line(
+        out,
+        figure,
+        n,
+        name,
+        round,
+        "p99_ms",
+        percentile(lat, 0.99) * 1e3,
+        "ms"
+    )
+    line(
+        out,
+        figure,
+        n,
+        name,
+        round,
+        "median_ms",
+        percentile(lat, 0.5) * 1e3,
+        "ms"
+    )
     for _, w in ipairs(per_interval_worst(ist, interval, intervals)) do
-        line(out, figure, n, name, round, "io_interval_worst_ms", w * 1e3,
-             "ms")
+        line(out, figure, n, name, round, "io_interval_worst_ms", w * 1e3, "ms")
     end
     local il = ist.lat
     if #il > 0 then
         sort(il)
         line(out, figure, n, name, round, "io_worst_ms", il[#il] * 1e3, "ms")
-        line(out, figure, n, name, round, "io_p99_ms",
-             percentile(il, 0.99) * 1e3, "ms")
-        line(out, figure, n, name, round, "io_median_ms",
-             percentile(il, 0.5) * 1e3, "ms")
+        line(
+            out,
+            figure,
+            n,
+            name,
+            round,
+            "io_p99_ms",
+            percentile(il, 0.99) * 1e3,
+            "ms"
+        )
+        line(
+            out,
+            figure,
+            n,
+            name,
+            round,
+            "io_median_ms",
+            percentile(il, 0.5) * 1e3,
+            "ms"
+        )
     end
     line(out, figure, n, name, round, "probe_ticks", #lat, "count")
     line(out, figure, n, name, round, "ticks_over_2ms", over, "count")
-    line(out, figure, n, name, round, "dirty_per_interval",
-         st.fed / st.fed_seconds * interval, "keys")
+    line(
+        out,
+        figure,
+        n,
+        name,
+        round,
+        "dirty_per_interval",
+        st.fed / st.fed_seconds * interval,
+        "keys"
+    )
     if s then
-        line(out, figure, n, name, round, "last_sync_ms",
-             (s.last_sync_seconds or 0) * 1e3, "ms")
-        line(out, figure, n, name, round, "keys_flushed",
-             (s.keys_flushed or 0) - (flushed0 or 0), "keys")
-        line(out, figure, n, name, round, "pending_keys",
-             s.pending_keys or 0, "keys")
+        line(
+            out,
+            figure,
+            n,
+            name,
+            round,
+            "last_sync_ms",
+            (s.last_sync_seconds or 0) * 1e3,
+            "ms"
+        )
+        line(
+            out,
+            figure,
+            n,
+            name,
+            round,
+            "keys_flushed",
+            (s.keys_flushed or 0) - (flushed0 or 0),
+            "keys"
+        )
+        line(
+            out,
+            figure,
+            n,
+            name,
+            round,
+            "pending_keys",
+            s.pending_keys or 0,
+            "keys"
+        )
         line(out, figure, n, name, round, "retries", s.retries or 0, "keys")
     end
     ngx.print(concat(out, "\n"), "\n")
 end
-
 
 return M

@@ -1,10 +1,12 @@
 -- Sync: ns per key flushed, n keys dirty, every key already in the dict.
 
-local common = require "figures.common"
+local common = require("figures.common")
 
 local ngx = ngx
-local now, get_keys, new_counter = common.now, common.get_keys, common.new_counter
-local rotate, line, args, compile = common.rotate, common.line, common.args, common.compile
+local now, get_keys, new_counter =
+    common.now, common.get_keys, common.new_counter
+local rotate, line, args, compile =
+    common.rotate, common.line, common.args, common.compile
 local min = math.min
 local tonumber = tonumber
 local concat = table.concat
@@ -12,7 +14,7 @@ local collectgarbage = collectgarbage
 
 local M = {}
 
-local ffi = require "ffi"
+local ffi = require("ffi")
 local C = ffi.C
 
 local FILL_SRC = [[
@@ -46,7 +48,7 @@ end
 ]]
 
 local sync_states = {}
-local sync_writes = {}   -- dict name -> times each key was written
+local sync_writes = {} -- dict name -> times each key was written
 
 local function sync_state(name, n)
     local id = name .. ":" .. n
@@ -101,8 +103,14 @@ function M.sync()
                 t1 = now()
             end
             if not ok then
-                ngx.log(ngx.ERR, "bench: sync of ", name, " at ", n,
-                        " keys reported a failure")
+                ngx.log(
+                    ngx.ERR,
+                    "bench: sync of ",
+                    name,
+                    " at ",
+                    n,
+                    " keys reported a failure"
+                )
             end
             sync_writes[st.dict_name] = (sync_writes[st.dict_name] or 0) + 1
             local ns = (t1 - t0) * 1e9 / n
@@ -113,8 +121,7 @@ function M.sync()
     local out = {}
     for _, name in ipairs(order) do
         line(out, "sync", n, name, round, "ns_per_key", best[name], "ns")
-        line(out, "sync", n, name, round, "ok", all_ok[name] and 1 or 0,
-             "bool")
+        line(out, "sync", n, name, round, "ok", all_ok[name] and 1 or 0, "bool")
     end
     ngx.print(concat(out, "\n"), "\n")
 end

@@ -1,13 +1,9 @@
 -- resty.counter: per-worker counters flushed into an ngx.shared.DICT.
 --
--- Where a count goes:
---   buffered   c:incr() adds into a Lua table per dict and worker (this file,
---              no FFI crossing on the request path);
---   handed over  at sync time, each (key, delta) crosses into Rust through
---              resty_counter_flusher_add (the ffi.cdef block below);
---   flushed    Rust writes it into the dict with lua-nginx-module's own
---              *_ffi_shdict_incr, keeps transient failures pending and
---              retries them (src/flush.rs).
+-- This file buffers counts in a Lua table per dict and worker (no FFI on
+-- the request path), hands them to the Rust library at each sync (the
+-- ffi.cdef block below is the ABI), and keeps the API. Where a count goes
+-- from there, file by file: src/lib.rs.
 --
 -- A dict that is not a real shared dict (a Lua-table stub in unit tests), or
 -- a Lua without ffi, runs the original pure-Lua algorithm instead.
@@ -27,53 +23,59 @@ local mt = { __index = _M }
 
 local ABI_VERSION = 5
 local LIB_NAME = "libresty_counter"
-local SLICE_SECONDS = 0.0005    -- work per slice of an automatic sync
+local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
 -- nginx patch; without it (Debian's nginx) it still waits for a timer
 -- cycle, but logs a WARN each time. 1 ms lets the event loop run there too.
 local SLICE_PAUSE = 0.001
-local CLOCK_EVERY = 32          -- keys between two looks at the clock
+local CLOCK_EVERY = 32 -- keys between two looks at the clock
 local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
-local KEEP_SPARE_MAX = 16384    -- larger buffers are recycled only if steady
-local GUARD_PERIOD = 1          -- a manual counter's timer: waits for exit
+local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
+local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 
-local RC_STORED, RC_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
-local STAGED = 0                -- resty_counter_stage_publish: in the stage
-local LEASE_INTERVALS = 3       -- the fold lease lasts this many intervals
+local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
+local STAGED = 0 -- resty_counter_stage_publish: in the stage
+local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 local FOLD_FIELDS, INFO_FIELDS = 3, 18
-local BATCH = 256               -- keys per resty_counter_stage_publish_batch
+local BATCH = 256 -- keys per resty_counter_stage_publish_batch
 
 local clear_tab
 do
     local ok, clear = pcall(require, "table.clear")
-    clear_tab = ok and clear or function(t)
-        for k in pairs(t) do
-            t[k] = nil
+    clear_tab = ok and clear
+        or function(t)
+            for k in pairs(t) do
+                t[k] = nil
+            end
         end
-    end
 end
 
 local nkeys
 do
     local ok, f = pcall(require, "table.nkeys")
-    nkeys = ok and f or function(t)
-        local n = 0
-        for _ in pairs(t) do
-            n = n + 1
+    nkeys = ok and f
+        or function(t)
+            local n = 0
+            for _ in pairs(t) do
+                n = n + 1
+            end
+            return n
         end
-        return n
-    end
 end
 
 local has_ffi, ffi = pcall(require, "ffi")
 if has_ffi and not (ngx and ngx.config) then
-    has_ffi = false  -- plain LuaJIT outside nginx: no shared dict to write to
+    has_ffi = false -- plain LuaJIT outside nginx: no shared dict to write to
 end
 -- With OpenResty's delayed-events patch (its queue is in the nginx binary),
 -- ngx.sleep(0) yields to the event loop at once: pause 0 there.
 if has_ffi then
     pcall(ffi.cdef, "extern char ngx_posted_delayed_events;")
-    if pcall(function() return ffi.C.ngx_posted_delayed_events end) then
+    if
+        pcall(function()
+            return ffi.C.ngx_posted_delayed_events
+        end)
+    then
         SLICE_PAUSE = 0
     end
 end
@@ -102,7 +104,9 @@ if has_ffi then
     end
     registry[mark] = true
     pcall(ffi.cdef, "int setenv(const char *, const char *, int);")
-    pcall(function() ffi.C.setenv(mark, pid, 1) end)
+    pcall(function()
+        ffi.C.setenv(mark, pid, 1)
+    end)
 end
 
 ---------------------------------------------------------------------------
@@ -115,10 +119,9 @@ const char *resty_counter_version(void);
 const char *resty_counter_strerror(int32_t code);
 double resty_counter_clock(void);
 resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
-    size_t subsystem_len, void *zone_udata, uint32_t max_keys,
-    double max_bytes, int32_t *err);
+    size_t subsystem_len, void *zone_udata, int32_t *err);
 void resty_counter_flusher_free(resty_counter_flusher *h);
-int32_t resty_counter_flusher_add(resty_counter_flusher *h,
+int32_t resty_counter_flusher_write(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
@@ -155,20 +158,28 @@ int32_t resty_counter_stage_fold(resty_counter_stage *h,
 int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
     size_t n);
 ]]
-_M._CDEF = CDEF  -- read by the ABI drift check
 
 -- The fields of resty_counter_stats, copied into stats() by name.
 local STATS_FIELDS = {
-    "pending_keys", "pending_bytes", "pending_sum", "keys_flushed",
-    "retries", "dropped_deltas", "dropped_permanent", "dropped_overflow",
-    "evictions", "failed_writes", "syncs", "failed_syncs",
+    "pending_keys",
+    "pending_bytes",
+    "pending_sum",
+    "keys_flushed",
+    "retries",
+    "dropped_deltas",
+    "dropped_permanent",
+    "dropped_overflow",
+    "evictions",
+    "failed_writes",
+    "syncs",
+    "failed_syncs",
     "last_sync_seconds",
 }
 
-local lib          -- the loaded library, once a real shared dict needs it
+local lib -- the loaded library, once a real shared dict needs it
 local int32_out, stats_out, end_out, value_out, fold_out, info_out
 local batch_keys, batch_lens, batch_deltas, batch_rcs
-local batch_strs = {}   -- the same keys as Lua strings, for the fallback
+local batch_strs = {} -- the same keys as Lua strings, for the fallback
 
 -- Loads the library on first native use in a worker (never in the master:
 -- see new_state), through package.cpath; see resty.counter.loader.
@@ -177,10 +188,12 @@ local function load_library()
         return lib
     end
     if not pcall(ffi.typeof, "resty_counter_stats") then
-        ffi.cdef(CDEF)  -- once per Lua VM: it declares struct bodies
+        ffi.cdef(CDEF) -- once per Lua VM: it declares struct bodies
     end
     local l, err = require("resty.counter.loader").load(package.cpath, {
-        name = LIB_NAME, abi = ABI_VERSION, version = _M._VERSION,
+        name = LIB_NAME,
+        abi = ABI_VERSION,
+        version = _M._VERSION,
         shim = debug.getinfo(1, "S").source:gsub("^@", ""),
     })
     if not l then
@@ -241,17 +254,25 @@ local function lua_version_ok()
     end
     if not version_warned then
         version_warned = true
-        ngx.log(ngx.WARN, "resty.counter: ", stream and "stream-" or "",
-                "lua-nginx-module version ", tostring(config.ngx_lua_version),
-                " is outside the supported range (", stream and "0.0.5"
-                or "0.10.12", " and later): counting in pure Lua")
+        ngx.log(
+            ngx.WARN,
+            "resty.counter: ",
+            stream and "stream-" or "",
+            "lua-nginx-module version ",
+            tostring(config.ngx_lua_version),
+            " is outside the supported range (",
+            stream and "0.0.5" or "0.10.12",
+            " and later): counting in pure Lua"
+        )
     end
     return false
 end
 
 local function is_real_shdict(dict)
-    return has_ffi and type(dict) == "table" and type(dict[1]) == "userdata"
-           and lua_version_ok()
+    return has_ffi
+        and type(dict) == "table"
+        and type(dict[1]) == "userdata"
+        and lua_version_ok()
 end
 
 local function new_native_handle(dict, name)
@@ -260,13 +281,18 @@ local function new_native_handle(dict, name)
         return nil, err
     end
     local subsystem = ngx.config.subsystem or "http"
-    local h = l.resty_counter_flusher_new(subsystem, #subsystem, dict[1], 0,
-                                          0, int32_out)
+    local h =
+        l.resty_counter_flusher_new(subsystem, #subsystem, dict[1], int32_out)
     if h == nil then
-        return nil, "resty.counter: cannot flush into shared dict \"" .. name
-                    .. "\": " .. strerror(int32_out[0])
+        return nil,
+            'resty.counter: cannot flush into shared dict "'
+                .. name
+                .. '": '
+                .. strerror(int32_out[0])
     end
-    return ffi.gc(h, function(p) l.resty_counter_flusher_free(p) end)
+    return ffi.gc(h, function(p)
+        l.resty_counter_flusher_free(p)
+    end)
 end
 
 -- The dict's shared stage (src/stage.rs, docs/DESIGN.md), attached at this
@@ -291,18 +317,30 @@ local function stage_of(self)
         return false
     end
     local l, sub, name = lib, ngx.config.subsystem or "http", self.name
-    local h = l.resty_counter_stage_attach(sub, #sub, self.dict[1], name,
-                                           #name, self.stage_bytes or 0,
-                                           int32_out)
+    local h = l.resty_counter_stage_attach(
+        sub,
+        #sub,
+        self.dict[1],
+        name,
+        #name,
+        self.stage_bytes or 0,
+        int32_out
+    )
     if h == nil then
-        ngx.log(ngx.WARN, "resty.counter: no shared stage in shared dict \"",
-                name, "\" (",
-                ffi.string(l.resty_counter_stage_strerror(int32_out[0])),
-                "): this worker writes its counts into the dict directly")
+        ngx.log(
+            ngx.WARN,
+            'resty.counter: no shared stage in shared dict "',
+            name,
+            '" (',
+            ffi.string(l.resty_counter_stage_strerror(int32_out[0])),
+            "): this worker writes its counts into the dict directly"
+        )
         self.stage = false
         return false
     end
-    self.stage = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
+    self.stage = ffi.gc(h, function(p)
+        l.resty_counter_stage_free(p)
+    end)
     return self.stage
 end
 
@@ -324,36 +362,49 @@ end
 -- per sync (tally counts the kinds); Rust counts and decides the sync's
 -- result, and end_sync logs the summary lines.
 local function report(self, key, rc, tally)
-    if rc == RC_EVICTED then
+    if rc == RC_STORED_EVICTED then
         tally.evicted = tally.evicted + 1
         if self.error_metric and tally.evicted <= WARN_LINES_PER_SYNC then
-            ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                    printable(key))
+            ngx.log(
+                ngx.ERR,
+                "increasing counter in shdict: lru eviction: key=",
+                printable(key)
+            )
         end
         return
     end
     if rc == RC_DROPPED_CAP then
-        return  -- one line per sync, from end_sync
+        return -- one line per sync, from end_sync
     end
     tally.failed = tally.failed + 1
     if tally.failed <= WARN_LINES_PER_SYNC then
-        ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
-                printable(key), ", err: ", strerror(rc),
-                rc == RC_RETAINED and " (kept, retried at the next sync)"
-                                  or "")
+        ngx.log(
+            ngx.WARN,
+            "error increasing counter in shdict key: ",
+            printable(key),
+            ", err: ",
+            strerror(rc),
+            rc == RC_RETAINED and " (kept, retried at the next sync)" or ""
+        )
     end
 end
 
 -- Publishes the first m pairs of the batch arrays in one call; writes the
 -- ones the stage refuses (full, too long) directly.
 local function publish_batch(self, st, m, tally)
-    local staged = lib.resty_counter_stage_publish_batch(st, batch_keys,
-        batch_lens, batch_deltas, m, batch_rcs)
+    local staged = lib.resty_counter_stage_publish_batch(
+        st,
+        batch_keys,
+        batch_lens,
+        batch_deltas,
+        m,
+        batch_rcs
+    )
     if staged == m then
         self.published = self.published + m
         return
     end
-    local add, h = lib.resty_counter_flusher_add, self.handle
+    local add, h = lib.resty_counter_flusher_write, self.handle
     for i = 0, m - 1 do
         if staged >= 0 and batch_rcs[i] == STAGED then
             self.published = self.published + 1
@@ -375,7 +426,7 @@ end
 -- yields and comes back. Without, runs to the end and returns true.
 local function drain(self, tally, budget, st)
     local t, h = self.draining, self.handle
-    local add = lib.resty_counter_flusher_add
+    local add = lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n, m = self.drained or 0, 0
@@ -437,7 +488,7 @@ end
 
 -- The same in Lua, for the master (init_by_lua), which loads no library:
 -- incr without init, then add, which copies the key before linking it.
-local function incr_init_lua(dict, key, value, init)
+local function incr_or_add_lua(dict, key, value, init)
     for _ = 1, 3 do
         local v, err = dict:incr(key, value)
         if v or err ~= "not found" then
@@ -457,7 +508,7 @@ end
 -- dict:incr(key, value, init) on a real shared dict, written by the
 -- library the CRC-safe way (see src/shdict.rs): v, err, forcible.
 -- Without a handle (the master), the Lua version above.
-local function incr_init(self, key, value, init)
+local function incr_or_add(self, key, value, init)
     if key == nil then
         return nil, "nil key"
     end
@@ -465,40 +516,51 @@ local function incr_init(self, key, value, init)
         key = tostring(key)
     end
     if not self.handle then
-        return incr_init_lua(self.dict, key, value, init)
+        return incr_or_add_lua(self.dict, key, value, init)
     end
-    local rc = lib.resty_counter_incr(self.handle, key, #key, value, init,
-                                      value_out)
-    if rc == RC_STORED or rc == RC_EVICTED then
-        return tonumber(value_out[0]), nil, rc == RC_EVICTED
+    local rc =
+        lib.resty_counter_incr(self.handle, key, #key, value, init, value_out)
+    if rc == RC_STORED or rc == RC_STORED_EVICTED then
+        return tonumber(value_out[0]), nil, rc == RC_STORED_EVICTED
     end
     return nil, strerror(rc), false
 end
 
 -- Adds what one fold call reported into this sync's tally and logs it.
 local function count_fold(self, tally)
-    local written, evicted, failed = tonumber(fold_out[0]),
-        tonumber(fold_out[1]), tonumber(fold_out[2])
+    local written, evicted, failed =
+        tonumber(fold_out[0]), tonumber(fold_out[1]), tonumber(fold_out[2])
     self.folded = self.folded + written
     tally.evicted = tally.evicted + evicted
     tally.failed = tally.failed + failed
     -- Whether the sync succeeded is the flusher's to say (end_sync): the
     -- folded writes went through it.
     if failed > 0 then
-        ngx.log(ngx.WARN, "resty.counter: ", failed, " keys folded from the ",
-                "stage could not be written into shared dict \"", self.name,
-                "\" (kept pending or dropped: see stats())")
+        ngx.log(
+            ngx.WARN,
+            "resty.counter: ",
+            failed,
+            " keys folded from the ",
+            'stage could not be written into shared dict "',
+            self.name,
+            '" (kept pending or dropped: see stats())'
+        )
     end
     if evicted > 0 and self.error_metric then
-        ngx.log(ngx.ERR, "resty.counter: folding the stage into shared ",
-                "dict \"", self.name, "\" evicted other entries ", evicted,
-                " times")
+        ngx.log(
+            ngx.ERR,
+            "resty.counter: folding the stage into shared ",
+            'dict "',
+            self.name,
+            '" evicted other entries ',
+            evicted,
+            " times"
+        )
     end
 end
 
 local function lease_ms(self)
-    return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS
-                      * 1000)
+    return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS * 1000)
 end
 
 -- The automatic fold: once per interval, the worker that holds (or takes)
@@ -507,11 +569,16 @@ end
 local function fold_sliced(self, tally)
     local st = self.stage
     while st do
-        local rc = lib.resty_counter_stage_fold(st, self.handle, 0,
-                                                lease_ms(self), SLICE_SECONDS,
-                                                fold_out)
+        local rc = lib.resty_counter_stage_fold(
+            st,
+            self.handle,
+            0,
+            lease_ms(self),
+            SLICE_SECONDS,
+            fold_out
+        )
         if rc < 0 then
-            return  -- another worker holds the lease
+            return -- another worker holds the lease
         end
         count_fold(self, tally)
         if rc == 1 then
@@ -519,7 +586,7 @@ local function fold_sliced(self, tally)
         end
         ngx.sleep(SLICE_PAUSE)
         if self.stage ~= st then
-            return  -- the worker left the stage meanwhile (exit)
+            return -- the worker left the stage meanwhile (exit)
         end
     end
 end
@@ -530,8 +597,14 @@ local function fold_whole(self, tally)
     if not st then
         return
     end
-    lib.resty_counter_stage_fold(st, self.handle, 1, lease_ms(self), 0,
-                                 fold_out)
+    lib.resty_counter_stage_fold(
+        st,
+        self.handle,
+        1,
+        lease_ms(self),
+        0,
+        fold_out
+    )
     count_fold(self, tally)
 end
 
@@ -544,47 +617,85 @@ end
 -- per-sync summary lines from what it returns.
 local function end_sync(self, tally)
     local r = end_out
-    if lib.resty_counter_flusher_end(self.handle, self.error_metric and 1 or 0,
-                                     r) ~= RC_STORED then
+    if
+        lib.resty_counter_flusher_end(
+            self.handle,
+            self.error_metric and 1 or 0,
+            r
+        ) ~= RC_STORED
+    then
         return false
     end
     if r.dropped_in_retry > 0 then
-        ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
-                "\" refused ", r.dropped_in_retry, " pending increments for ",
-                "good when retried: dropped")
+        ngx.log(
+            ngx.ERR,
+            'resty.counter: shared dict "',
+            self.name,
+            '" refused ',
+            r.dropped_in_retry,
+            " pending increments for ",
+            "good when retried: dropped"
+        )
     end
     if tally.failed > WARN_LINES_PER_SYNC then
-        ngx.log(ngx.WARN, "resty.counter: ",
-                r.failed - WARN_LINES_PER_SYNC, " more keys failed in ",
-                "this sync of shared dict \"", self.name, "\"")
+        ngx.log(
+            ngx.WARN,
+            "resty.counter: ",
+            r.failed - WARN_LINES_PER_SYNC,
+            " more keys failed in ",
+            'this sync of shared dict "',
+            self.name,
+            '"'
+        )
     end
     if r.dropped_cap > 0 then
-        ngx.log(ngx.ERR, "resty.counter: shared dict \"", self.name,
-                "\" is full and the pending cap is reached: dropped ",
-                r.dropped_cap, " increments in this sync")
+        ngx.log(
+            ngx.ERR,
+            'resty.counter: shared dict "',
+            self.name,
+            '" is full and the pending cap is reached: dropped ',
+            r.dropped_cap,
+            " increments in this sync"
+        )
     end
     if self.error_metric and tally.evicted > WARN_LINES_PER_SYNC then
-        ngx.log(ngx.ERR, "resty.counter: ",
-                r.evicted - WARN_LINES_PER_SYNC, " more keys evicted ",
-                "other entries in this sync of shared dict \"", self.name,
-                "\"")
+        ngx.log(
+            ngx.ERR,
+            "resty.counter: ",
+            r.evicted - WARN_LINES_PER_SYNC,
+            " more keys evicted ",
+            'other entries in this sync of shared dict "',
+            self.name,
+            '"'
+        )
     end
     if r.evicted > 0 and not self.error_metric then
-        ngx.log(ngx.WARN, "resty.counter: flushing into shared dict \"",
-                self.name, "\" evicted other entries ", r.evicted,
-                " times: the dict is too small")
+        ngx.log(
+            ngx.WARN,
+            'resty.counter: flushing into shared dict "',
+            self.name,
+            '" evicted other entries ',
+            r.evicted,
+            " times: the dict is too small"
+        )
     end
     if r.pending_keys > 0 and ngx.worker.exiting() then
         -- The last sync of this worker: what is pending now is lost.
-        ngx.log(ngx.ERR, "resty.counter: worker exiting: ",
-                r.pending_keys, " keys with pending increments ",
-                "summing ", r.pending_sum,
-                " could not be written to shared dict \"", self.name,
-                "\": lost")
+        ngx.log(
+            ngx.ERR,
+            "resty.counter: worker exiting: ",
+            r.pending_keys,
+            " keys with pending increments ",
+            "summing ",
+            r.pending_sum,
+            ' could not be written to shared dict "',
+            self.name,
+            '": lost'
+        )
     end
     local ok = r.ok ~= 0
     if not ok and self.error_metric then
-        incr_init(self, self.error_metric, 1, 0)
+        incr_or_add(self, self.error_metric, 1, 0)
     end
     return ok
 end
@@ -647,7 +758,7 @@ end
 -- A timer nginx refused is started again by the next new(), sync() or
 -- first increment of a key.
 local tick
-local REARM_EVERY = 0.1         -- seconds between two tries while down
+local REARM_EVERY = 0.1 -- seconds between two tries while down
 
 -- After the exit flush nothing syncs again: write straight to the dict.
 local function exit_flush(self)
@@ -659,9 +770,16 @@ local function timer_down(self, err)
     self.timer = false
     if not self.timer_down then
         self.timer_down = true
-        ngx.log(ngx.ERR, "resty.counter: cannot start the timer of shared ",
-                "dict \"", self.name, "\": ", err, "; retrying at the next ",
-                "new(), sync() or increment")
+        ngx.log(
+            ngx.ERR,
+            "resty.counter: cannot start the timer of shared ",
+            'dict "',
+            self.name,
+            '": ',
+            err,
+            "; retrying at the next ",
+            "new(), sync() or increment"
+        )
     end
 end
 
@@ -672,7 +790,7 @@ local function start_timer(self)
         return
     end
     if ngx.worker.exiting() then
-        return exit_flush(self)  -- no timer will run: flush now
+        return exit_flush(self) -- no timer will run: flush now
     end
     local now = ngx.now()
     if self.timer_tried and now - self.timer_tried < REARM_EVERY then
@@ -689,8 +807,12 @@ local function start_timer(self)
         gen, true, period, now
     if self.timer_down then
         self.timer_down = nil
-        ngx.log(ngx.NOTICE, "resty.counter: the timer of shared dict \"",
-                self.name, "\" runs again")
+        ngx.log(
+            ngx.NOTICE,
+            'resty.counter: the timer of shared dict "',
+            self.name,
+            '" runs again'
+        )
     end
 end
 
@@ -709,11 +831,11 @@ tick = function(premature, self, gen)
         return
     end
     if gen ~= self.gen then
-        return  -- a retired timer
+        return -- a retired timer
     end
     local interval = self.interval
     if not interval then
-        return  -- manual: waits for exit
+        return -- manual: waits for exit
     end
     if self.timer_period ~= interval then
         -- The guard of a counter given an interval later: sync when due.
@@ -724,49 +846,67 @@ tick = function(premature, self, gen)
         self.tick_synced = now
     end
     if self.syncing then
-        return  -- the previous sync still runs
+        return -- the previous sync still runs
     end
     self.syncing = true
     local ok, err = pcall(sync_sliced, self)
     self.syncing = nil
     if not ok then
-        ngx.log(ngx.ERR, "resty.counter: sync of shared dict \"", self.name,
-                "\" failed: ", err)
+        ngx.log(
+            ngx.ERR,
+            'resty.counter: sync of shared dict "',
+            self.name,
+            '" failed: ',
+            err
+        )
     end
     if ngx.worker.exiting() and not self.write_through then
         return exit_flush(self)
     end
 end
 
--- Whether this native state still writes through, in the master before
--- the fork (see new_state). The first call in a worker switches it to
--- buffering and starts the worker's timer.
-local sync_lua  -- the fallback when a worker cannot load the library
+local sync_lua -- the fallback when a worker cannot load the library
 
-local function in_master(self)
-    if not self.direct then
-        return false
-    end
-    if ngx.get_phase() == "init" then
-        return true
-    end
+-- A counter made in the master (init_by_lua) writes through until the
+-- fork. At its first use in a worker it starts buffering: the worker loads
+-- the library (or, if it cannot, counts with the pure-Lua algorithm) and
+-- starts its timer.
+local function start_buffering(self)
     self.direct = false
     if not self.handle then
         local h, err = new_native_handle(self.dict, self.name)
         if not h then
             -- Loud, and no count lost: this worker runs the original
             -- pure-Lua algorithm for this dict.
-            ngx.log(ngx.ERR, err, "; counting in Lua for shared dict \"",
-                    self.name, "\" in this worker")
+            ngx.log(
+                ngx.ERR,
+                err,
+                '; counting in Lua for shared dict "',
+                self.name,
+                '" in this worker'
+            )
             self.native = false
             if self.interval then
                 ngx.timer.every(self.interval, sync_lua, self)
             end
-            return false
+            return
         end
         self.handle = h
     end
     start_timer(self)
+end
+
+-- Whether this native counter still writes straight into the dict because
+-- it is in the master before the fork (see new_state); in a worker, the
+-- first call starts buffering and returns false.
+local function still_in_master(self)
+    if not self.direct then
+        return false
+    end
+    if ngx.get_phase() == "init" then
+        return true
+    end
+    start_buffering(self)
     return false
 end
 
@@ -778,13 +918,21 @@ function sync_lua(_, self)
     for k, v in pairs(self.buf) do
         local _, err, forcible = self.dict:incr(k, v, 0)
         if forcible and self.error_metric then
-            ngx.log(ngx.ERR, "increasing counter in shdict: lru eviction: key=",
-                    printable(k))
+            ngx.log(
+                ngx.ERR,
+                "increasing counter in shdict: lru eviction: key=",
+                printable(k)
+            )
             ok = false
         end
         if err then
-            ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
-                    printable(k), ", err: ", err)
+            ngx.log(
+                ngx.WARN,
+                "error increasing counter in shdict key: ",
+                printable(k),
+                ", err: ",
+                err
+            )
             ok = false
         end
     end
@@ -812,8 +960,8 @@ local function new_state(dict, name)
         name = name,
         buf = {},
         native = is_real_shdict(dict),
-        published = 0,       -- deltas this worker handed to the stage
-        folded = 0,          -- deltas this worker folded from the stage
+        published = 0, -- deltas this worker handed to the stage
+        folded = 0, -- deltas this worker folded from the stage
         fallback_writes = 0, -- deltas the stage refused, written directly
     }, mt)
     if self.native then
@@ -847,8 +995,7 @@ local function check_opts(opts)
         error("expect options.stage to be a boolean", 3)
     end
     local b = opts.stage_bytes
-    if b ~= nil and (type(b) ~= "number" or not (b >= 1) or b == math_huge)
-    then
+    if b ~= nil and (type(b) ~= "number" or not (b >= 1) or b == math_huge) then
         error("expect options.stage_bytes to be a positive number", 3)
     end
     return opts
@@ -858,7 +1005,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name, opts)
     local shared = ngx and ngx.shared
     local dict = shared and shdict_name ~= nil and shared[shdict_name]
     if not dict then
-        error("shared dict \"" .. tostring(shdict_name) .. "\" not defined", 2)
+        error('shared dict "' .. tostring(shdict_name) .. '" not defined', 2)
     end
     if sync_interval ~= nil then
         sync_interval = check_interval(sync_interval)
@@ -877,7 +1024,7 @@ function _M.new(shdict_name, sync_interval, error_metric_name, opts)
     if error_metric_name ~= nil and self.error_metric == nil then
         self.error_metric = error_metric_name
     end
-    if opts then  -- the first new() that says wins, as for the interval
+    if opts then -- the first new() that says wins, as for the interval
         if opts.stage ~= nil and self.stage_opt == nil then
             self.stage_opt = opts.stage
         end
@@ -896,15 +1043,20 @@ function _M.new(shdict_name, sync_interval, error_metric_name, opts)
     end
     if self.native then
         if sync_interval and not self.interval then
-            self.interval = sync_interval  -- the guard's next run takes it
+            self.interval = sync_interval -- the guard's next run takes it
         end
-        if not in_master(self) then
+        if not still_in_master(self) then
             check_timer(self)
         end
     elseif sync_interval and not self.interval then
         self.interval = sync_interval
-        ngx.log(ngx.DEBUG, "start timer for shdict ", shdict_name,
-                " on worker ", ngx.worker.id())
+        ngx.log(
+            ngx.DEBUG,
+            "start timer for shdict ",
+            shdict_name,
+            " on worker ",
+            ngx.worker.id()
+        )
         ngx.timer.every(sync_interval, sync_lua, self)
     end
     return self
@@ -934,26 +1086,30 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.write_through or in_master(self) then
+    if self.write_through or still_in_master(self) then
         -- Before the fork (master) or after the exit flush: no timer will
         -- flush a buffer, so write straight to the dict.
-        local _, err = incr_init(self, key, step, 0)
+        local _, err = incr_or_add(self, key, step, 0)
         if err then
-            ngx.log(ngx.WARN, "error increasing counter in shdict key: ",
-                    printable(key), ", err: ", err)
+            ngx.log(
+                ngx.WARN,
+                "error increasing counter in shdict key: ",
+                printable(key),
+                ", err: ",
+                err
+            )
         end
         return true
     end
 
     if self.native then
-        check_timer(self)  -- the timer is down: try again (rate-limited)
+        check_timer(self) -- the timer is down: try again (rate-limited)
     end
 
     local buf = self.buf
     local sum = (buf[key] or 0) + step
     if sum - sum ~= 0 then
-        error("bad step: counter \"" .. printable(key)
-              .. "\" would overflow", 3)
+        error('bad step: counter "' .. printable(key) .. '" would overflow', 3)
     end
     buf[key] = sum
     return true
@@ -971,7 +1127,7 @@ function _M.incr(self, key, step)
         end
         if type(step) == "number" then
             v = v + step
-            if v - v == 0 then  -- finite: not NaN, not +-inf
+            if v - v == 0 then -- finite: not NaN, not +-inf
                 buf[key] = v
                 return true
             end
@@ -980,14 +1136,14 @@ function _M.incr(self, key, step)
     if step == nil then
         step = 1
     end
-    local ok = incr_slow(self, key, step)  -- not a tail call: see incr_slow
+    local ok = incr_slow(self, key, step) -- not a tail call: see incr_slow
     return ok
 end
 
 function _M.sync(self)
     if self.native then
         if not self.handle then
-            return true  -- the master, or a worker before its first incr
+            return true -- the master, or a worker before its first incr
         end
         check_timer(self)
         return sync_now(self)
@@ -1003,7 +1159,7 @@ end
 function _M.reset(self, key, number)
     number = tonumber(number)
     if not number or number ~= number then
-        return nil, "expect a number at #2"  -- the original's message
+        return nil, "expect a number at #2" -- the original's message
     end
     if number - number ~= 0 then
         return nil, "expect a finite number at #2"
@@ -1019,7 +1175,7 @@ function _M.reset(self, key, number)
         end
     end
     if self.native then
-        return incr_init(self, key, -number, number)
+        return incr_or_add(self, key, -number, number)
     end
     return self.dict:incr(key, -number, number)
 end
@@ -1056,13 +1212,15 @@ function _M.stats(self)
     local s = {
         mode = self.native and "native" or "lua",
         buffered_keys = nkeys(self.buf)
-                        + (self.draining and nkeys(self.draining) or 0),
+            + (self.draining and nkeys(self.draining) or 0),
         sync_interval = self.interval,
         slice_pause = SLICE_PAUSE,
     }
     if self.native and self.handle then
-        if lib.resty_counter_flusher_stats(self.handle, stats_out)
-           == RC_STORED then
+        if
+            lib.resty_counter_flusher_stats(self.handle, stats_out)
+            == RC_STORED
+        then
             for _, field in ipairs(STATS_FIELDS) do
                 s[field] = stats_out[field]
             end
@@ -1071,9 +1229,15 @@ function _M.stats(self)
         s.published = self.published
         s.folded = self.folded
         s.fallback_writes = self.fallback_writes
-        if self.stage and lib.resty_counter_stage_info(self.stage, info_out,
-                                                       INFO_FIELDS)
-                          == INFO_FIELDS then
+        if
+            self.stage
+            and lib.resty_counter_stage_info(
+                    self.stage,
+                    info_out,
+                    INFO_FIELDS
+                )
+                == INFO_FIELDS
+        then
             s.lease_held = info_out[5] == info_out[17]
             s.stage_fill = tonumber(info_out[13])
             s.stage_slots = tonumber(info_out[2])

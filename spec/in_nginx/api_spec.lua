@@ -1,7 +1,7 @@
 -- The API against real shared dicts, inside an nginx worker (run by
 -- spec/run-in-nginx): the native path, where Rust writes into the dict.
 
-local counter = require "resty.counter"
+local counter = require("resty.counter")
 
 local function error_log_since(offset)
     local f = assert(io.open(ngx.config.prefix() .. "logs/error.log", "rb"))
@@ -73,55 +73,78 @@ describe("resty.counter in nginx", function()
         assert.equal(1, first:stats().sync_interval)
     end)
 
-    it("one timer per dict and worker, whatever new() is called with",
-       function()
-        local function timers()
-            return ngx.timer.pending_count() + ngx.timer.running_count()
+    it(
+        "one timer per dict and worker, whatever new() is called with",
+        function()
+            local function timers()
+                return ngx.timer.pending_count() + ngx.timer.running_count()
+            end
+            local before = timers()
+            counter.new("stats") -- manual: a timer that waits for exit
+            counter.new("stats", 0.5):incr("t")
+            for i = 1, 1000 do
+                counter.new("stats", i % 2 == 0 and 1 or nil)
+            end
+            assert.equal(before + 1, timers())
+            assert.equal(0.5, counter.new("stats"):stats().sync_interval)
+            -- the guard of the manual counter syncs the later interval
+            local deadline = ngx.now() + 5
+            while ngx.shared.stats:get("t") ~= 1 and ngx.now() < deadline do
+                ngx.sleep(0.05)
+                ngx.update_time()
+            end
+            assert.equal(1, ngx.shared.stats:get("t"))
         end
-        local before = timers()
-        counter.new("stats")             -- manual: a timer that waits for exit
-        counter.new("stats", 0.5):incr("t")
-        for i = 1, 1000 do
-            counter.new("stats", i % 2 == 0 and 1 or nil)
-        end
-        assert.equal(before + 1, timers())
-        assert.equal(0.5, counter.new("stats"):stats().sync_interval)
-        -- the guard of the manual counter syncs the later interval
-        local deadline = ngx.now() + 5
-        while ngx.shared.stats:get("t") ~= 1 and ngx.now() < deadline do
-            ngx.sleep(0.05)
-            ngx.update_time()
-        end
-        assert.equal(1, ngx.shared.stats:get("t"))
-    end)
+    )
 
-    it("throws at the caller's level for a missing dict or bad interval",
-       function()
-        local ok, err = pcall(function() counter.new("no_such_dict") end)
-        assert.is_false(ok)
-        assert.matches('api_spec.lua:%d+: shared dict "no_such_dict" not '
-                       .. 'defined', err)
-        for _, bad in ipairs({ 0, -1, "x", 0 / 0 }) do
-            ok, err = pcall(function() counter.new("counters", bad) end)
+    it(
+        "throws at the caller's level for a missing dict or bad interval",
+        function()
+            local ok, err = pcall(function()
+                counter.new("no_such_dict")
+            end)
             assert.is_false(ok)
-            assert.matches("api_spec.lua:%d+: expect sync_interval to be a "
-                           .. "positive number", err)
+            assert.matches(
+                'api_spec.lua:%d+: shared dict "no_such_dict" not ' .. "defined",
+                err
+            )
+            for _, bad in ipairs({ 0, -1, "x", 0 / 0 }) do
+                ok, err = pcall(function()
+                    counter.new("counters", bad)
+                end)
+                assert.is_false(ok)
+                assert.matches(
+                    "api_spec.lua:%d+: expect sync_interval to be a "
+                        .. "positive number",
+                    err
+                )
+            end
         end
-    end)
+    )
 
     it("refuses bad keys and steps, and corrupts nothing", function()
         -- 1e300 + 1e308 differs from 1e308: the sum shows that the first
         -- 1e308 and the earlier step both arrived.
         c:incr("k", 1e300)
         local bad = {
-            { nil, 1 }, { {}, 1 }, { false, 1 }, { "", 1 },
-            { string.rep("x", 65536), 1 }, { 0 / 0, 1 },
-            { "k", 0 / 0 }, { "k", 1 / 0 }, { "k", -1 / 0 }, { "k", "1" },
-            { "k", 1e308 }, { "k", 1e308 },
+            { nil, 1 },
+            { {}, 1 },
+            { false, 1 },
+            { "", 1 },
+            { string.rep("x", 65536), 1 },
+            { 0 / 0, 1 },
+            { "k", 0 / 0 },
+            { "k", 1 / 0 },
+            { "k", -1 / 0 },
+            { "k", "1" },
+            { "k", 1e308 },
+            { "k", 1e308 },
         }
         local errors = 0
         for _, args in ipairs(bad) do
-            local ok, err = pcall(function() c:incr(args[1], args[2]) end)
+            local ok, err = pcall(function()
+                c:incr(args[1], args[2])
+            end)
             if not ok then
                 errors = errors + 1
                 assert.matches("api_spec.lua:%d+: bad ", err)
@@ -152,8 +175,7 @@ describe("resty.counter in nginx", function()
         assert.equal(16, c:get(long))
     end)
 
-    it("reset is dict:incr(key, -n, n) and leaves the buffer alone",
-       function()
+    it("reset is dict:incr(key, -n, n) and leaves the buffer alone", function()
         c:incr("r", 5)
         local v, err, forcible = c:reset("r", 1)
         assert.equal(0, v)
@@ -176,8 +198,14 @@ describe("resty.counter in nginx", function()
         assert.equal(1, c:get("n1"))
         assert.equal(2, c:get("n2"))
         local log = error_log_since(log_at)
-        assert.equal(1, count(log, "error increasing counter in shdict key: "
-                                   .. "s, err: not a number"))
+        assert.equal(
+            1,
+            count(
+                log,
+                "error increasing counter in shdict key: "
+                    .. "s, err: not a number"
+            )
+        )
         local s = c:stats()
         assert.is_true(s.dropped_permanent >= 1)
         assert.equal(0, s.pending_keys)
@@ -186,8 +214,7 @@ describe("resty.counter in nginx", function()
         assert.is_true(c:sync())
     end)
 
-    it("keeps deltas a full dict refused, and delivers them later",
-       function()
+    it("keeps deltas a full dict refused, and delivers them later", function()
         -- A dict full of small entries: evicting 30 of them frees no slab
         -- page for a larger key, so nginx answers "no memory".
         local small = ngx.shared.full
@@ -225,93 +252,116 @@ describe("resty.counter in nginx", function()
         small:flush_expired()
     end)
 
-    it("a pending delta the dict refuses for good at retry fails the sync, "
-       .. "logged, counted and in the error metric", function()
-        local small = ngx.shared.full
-        small:flush_all()
-        small:flush_expired()
-        local fillers = 0
-        while small:safe_set("f" .. fillers + 1, 1) do
-            fillers = fillers + 1
+    it(
+        "a pending delta the dict refuses for good at retry fails the sync, "
+            .. "logged, counted and in the error metric",
+        function()
+            local small = ngx.shared.full
+            small:flush_all()
+            small:flush_expired()
+            local fillers = 0
+            while small:safe_set("f" .. fillers + 1, 1) do
+                fillers = fillers + 1
+            end
+            local sc = counter.new("full", nil, "sync_errors")
+            local key = string.rep("p", 300)
+            sc:incr(key, 1)
+            assert.is_false(sc:sync())
+            assert.equal(1, sc:stats().pending_keys)
+            for i = 1, fillers do
+                small:delete("f" .. i)
+            end
+            -- The key turns into a string before the retry.
+            assert.is_true(small:set(key, "a string"))
+            local errors = small:get("sync_errors") or 0
+            local dropped = sc:stats().dropped_permanent
+            local log_at = error_log_size()
+            assert.is_false(sc:sync())
+            local s = sc:stats()
+            assert.equal(0, s.pending_keys)
+            assert.equal(dropped + 1, s.dropped_permanent)
+            assert.equal(errors + 1, small:get("sync_errors"))
+            assert.equal(
+                1,
+                count(
+                    error_log_since(log_at),
+                    "refused 1 pending " .. "increments for good when retried"
+                )
+            )
+            small:flush_all()
+            small:flush_expired()
         end
-        local sc = counter.new("full", nil, "sync_errors")
-        local key = string.rep("p", 300)
-        sc:incr(key, 1)
-        assert.is_false(sc:sync())
-        assert.equal(1, sc:stats().pending_keys)
-        for i = 1, fillers do
-            small:delete("f" .. i)
-        end
-        -- The key turns into a string before the retry.
-        assert.is_true(small:set(key, "a string"))
-        local errors = small:get("sync_errors") or 0
-        local dropped = sc:stats().dropped_permanent
-        local log_at = error_log_size()
-        assert.is_false(sc:sync())
-        local s = sc:stats()
-        assert.equal(0, s.pending_keys)
-        assert.equal(dropped + 1, s.dropped_permanent)
-        assert.equal(errors + 1, small:get("sync_errors"))
-        assert.equal(1, count(error_log_since(log_at), "refused 1 pending "
-                                  .. "increments for good when retried"))
-        small:flush_all()
-        small:flush_expired()
-    end)
+    )
 
-    it("a delta whose sum with its pending delta overflows is dropped and "
-       .. "reported; the pending one stays", function()
-        local small = ngx.shared.full
-        small:flush_all()
-        small:flush_expired()
-        local fillers = 0
-        while small:safe_set("f" .. fillers + 1, 1) do
-            fillers = fillers + 1
+    it(
+        "a delta whose sum with its pending delta overflows is dropped and "
+            .. "reported; the pending one stays",
+        function()
+            local small = ngx.shared.full
+            small:flush_all()
+            small:flush_expired()
+            local fillers = 0
+            while small:safe_set("f" .. fillers + 1, 1) do
+                fillers = fillers + 1
+            end
+            local sc = counter.new("full")
+            local key = string.rep("o", 300)
+            sc:incr(key, 1e308)
+            assert.is_false(sc:sync())
+            assert.equal(1, sc:stats().pending_keys)
+            local before = sc:stats().dropped_overflow
+            sc:incr(key, 1e308)
+            local log_at = error_log_size()
+            assert.is_false(sc:sync())
+            assert.equal(before + 1, sc:stats().dropped_overflow)
+            assert.equal(
+                1,
+                count(
+                    error_log_since(log_at),
+                    "sum with the pending " .. "delta is not finite"
+                )
+            )
+            for i = 1, fillers do
+                small:delete("f" .. i)
+            end
+            assert.is_true(sc:sync())
+            assert.equal(1e308, small:get(key))
+            assert.equal(0, sc:stats().pending_keys)
+            small:flush_all()
+            small:flush_expired()
         end
-        local sc = counter.new("full")
-        local key = string.rep("o", 300)
-        sc:incr(key, 1e308)
-        assert.is_false(sc:sync())
-        assert.equal(1, sc:stats().pending_keys)
-        local before = sc:stats().dropped_overflow
-        sc:incr(key, 1e308)
-        local log_at = error_log_size()
-        assert.is_false(sc:sync())
-        assert.equal(before + 1, sc:stats().dropped_overflow)
-        assert.equal(1, count(error_log_since(log_at), "sum with the pending "
-                                  .. "delta is not finite"))
-        for i = 1, fillers do
-            small:delete("f" .. i)
+    )
+
+    it(
+        "a sum that would leave the finite range saturates the key and is "
+            .. "reported; the dict never holds inf",
+        function()
+            c:incr("big", 1e308)
+            assert.is_true(c:sync())
+            local dropped = c:stats().dropped_overflow
+            local log_at = error_log_size()
+            c:incr("big", 1e308)
+            c:incr("fine", 1)
+            assert.is_false(c:sync())
+            assert.equal(1.7976931348623157e308, dict:get("big"))
+            assert.equal(1, dict:get("fine"))
+            assert.equal(dropped + 1, c:stats().dropped_overflow)
+            assert.equal(
+                1,
+                count(
+                    error_log_since(log_at),
+                    "key: big, err: sum " .. "in the dict is not finite"
+                )
+            )
+            c:incr("neg", -1e308)
+            assert.is_true(c:sync())
+            c:incr("neg", -1e308)
+            assert.is_false(c:sync())
+            assert.equal(-1.7976931348623157e308, dict:get("neg"))
         end
-        assert.is_true(sc:sync())
-        assert.equal(1e308, small:get(key))
-        assert.equal(0, sc:stats().pending_keys)
-        small:flush_all()
-        small:flush_expired()
-    end)
+    )
 
-    it("a sum that would leave the finite range saturates the key and is "
-       .. "reported; the dict never holds inf", function()
-        c:incr("big", 1e308)
-        assert.is_true(c:sync())
-        local dropped = c:stats().dropped_overflow
-        local log_at = error_log_size()
-        c:incr("big", 1e308)
-        c:incr("fine", 1)
-        assert.is_false(c:sync())
-        assert.equal(1.7976931348623157e308, dict:get("big"))
-        assert.equal(1, dict:get("fine"))
-        assert.equal(dropped + 1, c:stats().dropped_overflow)
-        assert.equal(1, count(error_log_since(log_at), "key: big, err: sum "
-                                  .. "in the dict is not finite"))
-        c:incr("neg", -1e308)
-        assert.is_true(c:sync())
-        c:incr("neg", -1e308)
-        assert.is_false(c:sync())
-        assert.equal(-1.7976931348623157e308, dict:get("neg"))
-    end)
-
-    it("error_metric_name: evictions fail the sync and count once",
-       function()
+    it("error_metric_name: evictions fail the sync and count once", function()
         local small = ngx.shared.full
         small:flush_all()
         small:flush_expired()
@@ -328,40 +378,56 @@ describe("resty.counter in nginx", function()
         assert.equal(1, sc:get("evictor"))
         assert.equal(1, sc:get("sync_errors"))
         local log = error_log_since(log_at)
-        assert.equal(1, count(log, "increasing counter in shdict: lru "
-                                   .. "eviction: key=evictor"))
+        assert.equal(
+            1,
+            count(
+                log,
+                "increasing counter in shdict: lru " .. "eviction: key=evictor"
+            )
+        )
         assert.equal(0, count(log, "error increasing counter"))
         assert.is_true(sc:stats().evictions >= 1)
         small:flush_all()
         small:flush_expired()
     end)
 
-    it("error_metric_name: eviction lines are capped per sync, then one "
-       .. "summary line; the metric counts the sync once", function()
-        local small = ngx.shared.full
-        small:flush_all()
-        small:flush_expired()
-        local sc = counter.new("full", nil, "sync_errors")
-        for i = 1, 10000 do
-            if not small:safe_set("filler-" .. i, i) then
-                break
+    it(
+        "error_metric_name: eviction lines are capped per sync, then one "
+            .. "summary line; the metric counts the sync once",
+        function()
+            local small = ngx.shared.full
+            small:flush_all()
+            small:flush_expired()
+            local sc = counter.new("full", nil, "sync_errors")
+            for i = 1, 10000 do
+                if not small:safe_set("filler-" .. i, i) then
+                    break
+                end
             end
+            local log_at = error_log_size()
+            for i = 1, 300 do
+                sc:incr("evictor-" .. i)
+            end
+            assert.is_false(sc:sync())
+            local evicted = sc:stats().evictions
+            assert.is_true(
+                evicted > 100,
+                "too few evictions to test: " .. evicted
+            )
+            local log = error_log_since(log_at)
+            assert.equal(100, count(log, "lru eviction: key=evictor-"))
+            assert.equal(
+                1,
+                count(
+                    log,
+                    " more keys evicted other entries in " .. "this sync"
+                )
+            )
+            assert.equal(1, sc:get("sync_errors"))
+            small:flush_all()
+            small:flush_expired()
         end
-        local log_at = error_log_size()
-        for i = 1, 300 do
-            sc:incr("evictor-" .. i)
-        end
-        assert.is_false(sc:sync())
-        local evicted = sc:stats().evictions
-        assert.is_true(evicted > 100, "too few evictions to test: " .. evicted)
-        local log = error_log_since(log_at)
-        assert.equal(100, count(log, "lru eviction: key=evictor-"))
-        assert.equal(1, count(log, " more keys evicted other entries in "
-                                   .. "this sync"))
-        assert.equal(1, sc:get("sync_errors"))
-        small:flush_all()
-        small:flush_expired()
-    end)
+    )
 
     it("the automatic sync delivers without a manual sync", function()
         local c2 = counter.new("counters2", 0.05)
@@ -376,66 +442,84 @@ describe("resty.counter in nginx", function()
         assert.is_true(c2:stats().syncs >= 1)
     end)
 
-    it("reset refuses non-finite numbers and never makes a value "
-       .. "non-finite", function()
-        -- NaN keeps the original's message for a non-number.
-        for _, n in ipairs({ "inf", "-inf", math.huge, -math.huge, 0 / 0,
-                             "nan" }) do
-            local num = tonumber(n)
-            local want = (not num or num ~= num) and "expect a number at #2"
-                         or "expect a finite number at #2"
-            local v, err = c:reset("new", n)
+    it(
+        "reset refuses non-finite numbers and never makes a value "
+            .. "non-finite",
+        function()
+            -- NaN keeps the original's message for a non-number.
+            for _, n in ipairs({
+                "inf",
+                "-inf",
+                math.huge,
+                -math.huge,
+                0 / 0,
+                "nan",
+            }) do
+                local num = tonumber(n)
+                local want = (not num or num ~= num) and "expect a number at #2"
+                    or "expect a finite number at #2"
+                local v, err = c:reset("new", n)
+                assert.is_nil(v)
+                assert.equal(want, err)
+                v, err = c:reset("r", n)
+                assert.is_nil(v)
+                assert.equal(want, err)
+            end
+            assert.is_nil(dict:get("new"))
+            -- A value at the edge: the result would leave the double range.
+            dict:set("edge", -1e308)
+            local v, err = c:reset("edge", 1e308)
             assert.is_nil(v)
-            assert.equal(want, err)
-            v, err = c:reset("r", n)
+            assert.equal("reset would overflow the value of key", err)
+            assert.equal(-1e308, dict:get("edge"))
+            -- inf written by other code: reset(key, get(key)) is refused and
+            -- the value stays a number (inf), not NaN.
+            dict:set("inf", math.huge)
+            v, err = c:reset("inf", c:get("inf"))
             assert.is_nil(v)
-            assert.equal(want, err)
+            assert.equal("expect a finite number at #2", err)
+            v, err = c:reset("inf", 1)
+            assert.is_nil(v)
+            assert.equal("value of key is not a finite number", err)
+            assert.equal(math.huge, dict:get("inf"))
+            assert.equal(0, c:reset("fin", 0))
         end
-        assert.is_nil(dict:get("new"))
-        -- A value at the edge: the result would leave the double range.
-        dict:set("edge", -1e308)
-        local v, err = c:reset("edge", 1e308)
-        assert.is_nil(v)
-        assert.equal("reset would overflow the value of key", err)
-        assert.equal(-1e308, dict:get("edge"))
-        -- inf written by other code: reset(key, get(key)) is refused and
-        -- the value stays a number (inf), not NaN.
-        dict:set("inf", math.huge)
-        v, err = c:reset("inf", c:get("inf"))
-        assert.is_nil(v)
-        assert.equal("expect a finite number at #2", err)
-        v, err = c:reset("inf", 1)
-        assert.is_nil(v)
-        assert.equal("value of key is not a finite number", err)
-        assert.equal(math.huge, dict:get("inf"))
-        assert.equal(0, c:reset("fin", 0))
-    end)
+    )
 
-    it("outside the supported lua-nginx-module versions, counts in pure "
-       .. "Lua and warns once naming the version", function()
-        local config = ngx.config  -- stubbed for this test, then restored
-        local real = config.ngx_lua_version
-        local offset = error_log_size()
-        rawset(config, "ngx_lua_version", 10011)  -- 0.10.11: 8-arg incr
-        local ok, g = pcall(counter.new, "gated")
-        rawset(config, "ngx_lua_version", real)
-        assert(ok, g)
-        assert.equal("lua", g:stats().mode)
-        g:incr("a")
-        g:incr("a", 2)
-        assert.is_true(g:sync())
-        assert.equal(3, ngx.shared.gated:get("a"))
-        -- the pure-Lua sync escapes the keys it logs
-        local forged = "s\n2026/01/01 00:00:00 [info] 1#1: forged"
-        ngx.shared.gated:set(forged, "not a number")
-        g:incr(forged)
-        g:sync()
-        local log = error_log_since(offset)
-        assert.equal(1, count(log, "lua-nginx-module version 10011 is "
-                                   .. "outside the supported range"))
-        assert.equal(1, count(log, "shdict key: s\\x0a2026/01/01"))
-        assert.is_nil(log:find("\n2026/01/01 00:00:00 [info]", 1, true))
-        -- the running version passes the gate
-        assert.equal("native", counter.new("counters"):stats().mode)
-    end)
+    it(
+        "outside the supported lua-nginx-module versions, counts in pure "
+            .. "Lua and warns once naming the version",
+        function()
+            local config = ngx.config -- stubbed for this test, then restored
+            local real = config.ngx_lua_version
+            local offset = error_log_size()
+            rawset(config, "ngx_lua_version", 10011) -- 0.10.11: 8-arg incr
+            local ok, g = pcall(counter.new, "gated")
+            rawset(config, "ngx_lua_version", real)
+            assert(ok, g)
+            assert.equal("lua", g:stats().mode)
+            g:incr("a")
+            g:incr("a", 2)
+            assert.is_true(g:sync())
+            assert.equal(3, ngx.shared.gated:get("a"))
+            -- the pure-Lua sync escapes the keys it logs
+            local forged = "s\n2026/01/01 00:00:00 [info] 1#1: forged"
+            ngx.shared.gated:set(forged, "not a number")
+            g:incr(forged)
+            g:sync()
+            local log = error_log_since(offset)
+            assert.equal(
+                1,
+                count(
+                    log,
+                    "lua-nginx-module version 10011 is "
+                        .. "outside the supported range"
+                )
+            )
+            assert.equal(1, count(log, "shdict key: s\\x0a2026/01/01"))
+            assert.is_nil(log:find("\n2026/01/01 00:00:00 [info]", 1, true))
+            -- the running version passes the gate
+            assert.equal("native", counter.new("counters"):stats().mode)
+        end
+    )
 end)

@@ -3,8 +3,8 @@
 -- dict's zone, publishes into it, and one fold puts the exact sums into
 -- the dict.
 
-local stage = require "spec.support.stage"
-local http = require "spec.support.http"
+local stage = require("spec.support.stage")
+local http = require("spec.support.http")
 
 local RESERVED_KEY = "\0resty.counter.stage"
 
@@ -18,12 +18,15 @@ local function poll(path_for, enough, seconds)
         i = i + 1
         local status, body = http.get(path_for(i))
         assert.equal(200, status, body)
-        local pid, offset, anchor, rc = body:match("^(%d+) (%d+) (%d+) (%-?%d+)")
+        local pid, offset, anchor, rc =
+            body:match("^(%d+) (%d+) (%d+) (%-?%d+)")
         assert.truthy(pid, body)
         seen[pid] = seen[pid] or {}
         table.insert(seen[pid], {
-            offset = tonumber(offset), anchor = tonumber(anchor),
-            rc = tonumber(rc), i = i,
+            offset = tonumber(offset),
+            anchor = tonumber(anchor),
+            rc = tonumber(rc),
+            i = i,
         })
         if enough(seen) then
             return seen
@@ -74,8 +77,11 @@ describe("the shared stage in nginx", function()
         assert.is_true(mine.slots > 2500, "slots " .. mine.slots)
         assert.equal(160, mine.key_bytes)
         assert.equal(mine.offset, dict:get(RESERVED_KEY))
-        local seen = poll(function() return "/__stage" end,
-                          function(s) return workers_seen(s) >= workers end)
+        local seen = poll(function()
+            return "/__stage"
+        end, function(s)
+            return workers_seen(s) >= workers
+        end)
         assert.equal(workers, workers_seen(seen))
         for _, answers in pairs(seen) do
             for _, a in ipairs(answers) do
@@ -85,76 +91,86 @@ describe("the shared stage in nginx", function()
         end
     end)
 
-    it("deltas published from every worker reach the dict exactly once",
-       function()
-        local h = assert(stage.attach("stage"))
-        fold_all(h)  -- start from an empty stage
-        local key = "stage-spec-" .. ngx.worker.pid() .. "-" .. ngx.now()
-        local before = stage.info(h)
-        local sent, n = 0, 0
-        local seen = poll(function(i)
-            local delta = i % 7 + 0.5
-            sent = sent + delta
-            n = n + 1
-            return "/__stage?key=" .. key .. "&delta=" .. delta
-        end, function(s)
-            if workers_seen(s) < workers then
-                return false
-            end
-            for _, answers in pairs(s) do
-                if #answers < 5 then
+    it(
+        "deltas published from every worker reach the dict exactly once",
+        function()
+            local h = assert(stage.attach("stage"))
+            fold_all(h) -- start from an empty stage
+            local key = "stage-spec-" .. ngx.worker.pid() .. "-" .. ngx.now()
+            local before = stage.info(h)
+            local sent, n = 0, 0
+            local seen = poll(function(i)
+                local delta = i % 7 + 0.5
+                sent = sent + delta
+                n = n + 1
+                return "/__stage?key=" .. key .. "&delta=" .. delta
+            end, function(s)
+                if workers_seen(s) < workers then
                     return false
                 end
+                for _, answers in pairs(s) do
+                    if #answers < 5 then
+                        return false
+                    end
+                end
+                return true
+            end)
+            assert.equal(workers, workers_seen(seen))
+            for _, answers in pairs(seen) do
+                for _, a in ipairs(answers) do
+                    assert.equal(0, a.rc, "staged")
+                end
             end
-            return true
-        end)
-        assert.equal(workers, workers_seen(seen))
-        for _, answers in pairs(seen) do
-            for _, a in ipairs(answers) do
-                assert.equal(0, a.rc, "staged")
-            end
+            assert.is_nil(dict:get(key), "nothing in the dict before the fold")
+            local written = fold_all(h)
+            assert.is_true(written >= 1)
+            assert.equal(sent, dict:get(key))
+            local after = stage.info(h)
+            assert.equal(n, after.published - before.published)
+            assert.equal(written, after.my_folded - before.my_folded)
+            -- A second fold finds nothing new for the key.
+            fold_all(h)
+            assert.equal(sent, dict:get(key))
         end
-        assert.is_nil(dict:get(key), "nothing in the dict before the fold")
-        local written = fold_all(h)
-        assert.is_true(written >= 1)
-        assert.equal(sent, dict:get(key))
-        local after = stage.info(h)
-        assert.equal(n, after.published - before.published)
-        assert.equal(written, after.my_folded - before.my_folded)
-        -- A second fold finds nothing new for the key.
-        fold_all(h)
-        assert.equal(sent, dict:get(key))
-    end)
+    )
 
-    it("a reserved key evicted or deleted is added again by the folder",
-       function()
+    it(
+        "a reserved key evicted or deleted is added again by the folder",
+        function()
+            local h = assert(stage.attach("stage"))
+            local offset = stage.info(h).offset
+            dict:delete(RESERVED_KEY)
+            assert.is_nil(dict:get(RESERVED_KEY))
+            fold_all(h)
+            assert.equal(offset, dict:get(RESERVED_KEY))
+        end
+    )
+
+    it(
+        "falls back when the dict is too small or the zone is not the dict's",
+        function()
+            local h, code, msg = stage.attach("stage_tiny")
+            assert.is_nil(h)
+            assert.equal("the dict is too small for a stage", msg, code)
+            h, code, msg = stage.attach("stage", "stage2")
+            assert.is_nil(h)
+            assert.equal(
+                "the zone's name is not the dict's (unknown nginx ABI)",
+                msg,
+                code
+            )
+        end
+    )
+
+    it("c:sync() folds what any worker published before it returns", function()
+        local counter = require("resty.counter")
         local h = assert(stage.attach("stage"))
-        local offset = stage.info(h).offset
-        dict:delete(RESERVED_KEY)
-        assert.is_nil(dict:get(RESERVED_KEY))
+        local c = counter.new("stage") -- manual: no timer folds
         fold_all(h)
-        assert.equal(offset, dict:get(RESERVED_KEY))
-    end)
-
-    it("falls back when the dict is too small or the zone is not the dict's",
-       function()
-        local h, code, msg = stage.attach("stage_tiny")
-        assert.is_nil(h)
-        assert.equal("the dict is too small for a stage", msg, code)
-        h, code, msg = stage.attach("stage", "stage2")
-        assert.is_nil(h)
-        assert.equal("the zone's name is not the dict's (unknown nginx ABI)",
-                     msg, code)
-    end)
-
-    it("c:sync() folds what any worker published before it returns",
-       function()
-        local counter = require "resty.counter"
-        local h = assert(stage.attach("stage"))
-        local c = counter.new("stage")  -- manual: no timer folds
-        fold_all(h)
-        local key = "published-then-sync-" .. ngx.now() .. "-"
-                    .. ngx.worker.pid()
+        local key = "published-then-sync-"
+            .. ngx.now()
+            .. "-"
+            .. ngx.worker.pid()
         assert.equal(0, stage.publish(h, key, 5))
         assert.is_nil(dict:get(key))
         assert.is_true(c:sync())

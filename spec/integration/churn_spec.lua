@@ -15,8 +15,8 @@
 -- test guards what resty.counter adds: the Rust side (pending map, handed
 -- over keys) must free what it flushed.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local KEYS_PER_ROUND = 10000
 local ROUNDS = { manual = H.LONG and 500 or 100, auto = H.LONG and 100 or 20 }
@@ -102,75 +102,113 @@ local SERVER = [[
 ]]
 
 describe("#integration bounded memory under key churn", function()
-  local srv
+    local srv
 
-  setup(function()
-    srv = nginx.start{ workers = 1, http = HTTP, server = SERVER }
-  end)
-
-  teardown(function()
-    if srv then
-      srv:stop()
-    end
-  end)
-
-  local function churn(mode, from, to)
-    for round = from, to do
-      local status, body = srv:get(("/churn?mode=%s&from=%d&to=%d")
-                                   :format(mode, round, round), nil, 30)
-      assert.equal(200, status, body)
-      if round == to then
-        return H.decode(body)
-      end
-    end
-  end
-
-  local function measure(pid)
-    local status, lua_kib = srv:get("/gc")
-    assert.equal(200, status)
-    local rss, anon = H.rss_kib(pid)
-    return rss, anon, tonumber(lua_kib)
-  end
-
-  for _, mode in ipairs({ "manual", "auto" }) do
-    it(("a worker that sees %d distinct keys keeps flat memory (%s sync)")
-       :format(ROUNDS[mode] * KEYS_PER_ROUND, mode), function()
-      local pid = srv:worker_pids()[1]
-      churn(mode, 1, WARMUP_ROUNDS)
-      local rss0, anon0, lua0 = measure(pid)
-
-      local r = churn(mode, WARMUP_ROUNDS + 1, WARMUP_ROUNDS + ROUNDS[mode])
-      local rss1, anon1, lua1 = measure(pid)
-
-      assert.equal(pid, srv:worker_pids()[1], "the worker was replaced")
-      assert.equal(0, r["stats.pending_keys"])
-      assert.equal(0, r["stats.pending_bytes"])
-      assert.equal(0, r["stats.buffered_keys"])
-      assert.equal((WARMUP_ROUNDS + ROUNDS[mode]) * KEYS_PER_ROUND,
-                   r["stats.keys_flushed"])
-      local report = ("%s: VmRSS %d -> %d KiB (%+d), RssAnon %d -> %d KiB, "
-                      .. "Lua heap %d -> %d KiB"):format(mode, rss0, rss1,
-                      rss1 - rss0, anon0, anon1, lua0, lua1)
-      if os.getenv("VERBOSE") then
-        print(report)
-      end
-      assert.is_true(rss1 - rss0 < MAX_GROWTH_KIB, report)
+    setup(function()
+        srv = nginx.start({ workers = 1, http = HTTP, server = SERVER })
     end)
-  end
 
-  for _, mode in ipairs({ "manual", "auto" }) do
-    it(("a burst of %d keys is freed once flushed (%s sync)")
-                  :format(BURST_KEYS, mode), function()
-      local status, body = srv:get("/burst?mode=" .. mode, nil, 60)
-      assert.equal(200, status, body)
-      local r = H.decode(body)
-      assert.equal(1, r.last)
-      local growth = r.after - r.before
-      if os.getenv("VERBOSE") then
-        print(("burst %s: Lua heap %d -> %d KiB"):format(mode, r.before, r.after))
-      end
-      assert.is_true(growth < MAX_BURST_HEAP_KIB,
-                     ("Lua heap grew by %d KiB"):format(growth))
+    teardown(function()
+        if srv then
+            srv:stop()
+        end
     end)
-  end
+
+    local function churn(mode, from, to)
+        for round = from, to do
+            local status, body = srv:get(
+                ("/churn?mode=%s&from=%d&to=%d"):format(mode, round, round),
+                nil,
+                30
+            )
+            assert.equal(200, status, body)
+            if round == to then
+                return H.decode(body)
+            end
+        end
+    end
+
+    local function measure(pid)
+        local status, lua_kib = srv:get("/gc")
+        assert.equal(200, status)
+        local rss, anon = H.rss_kib(pid)
+        return rss, anon, tonumber(lua_kib)
+    end
+
+    for _, mode in ipairs({ "manual", "auto" }) do
+        it(
+            ("a worker that sees %d distinct keys keeps flat memory (%s sync)"):format(
+                ROUNDS[mode] * KEYS_PER_ROUND,
+                mode
+            ),
+            function()
+                local pid = srv:worker_pids()[1]
+                churn(mode, 1, WARMUP_ROUNDS)
+                local rss0, anon0, lua0 = measure(pid)
+
+                local r =
+                    churn(mode, WARMUP_ROUNDS + 1, WARMUP_ROUNDS + ROUNDS[mode])
+                local rss1, anon1, lua1 = measure(pid)
+
+                assert.equal(
+                    pid,
+                    srv:worker_pids()[1],
+                    "the worker was replaced"
+                )
+                assert.equal(0, r["stats.pending_keys"])
+                assert.equal(0, r["stats.pending_bytes"])
+                assert.equal(0, r["stats.buffered_keys"])
+                assert.equal(
+                    (WARMUP_ROUNDS + ROUNDS[mode]) * KEYS_PER_ROUND,
+                    r["stats.keys_flushed"]
+                )
+                local report = (
+                    "%s: VmRSS %d -> %d KiB (%+d), RssAnon %d -> %d KiB, "
+                    .. "Lua heap %d -> %d KiB"
+                ):format(
+                    mode,
+                    rss0,
+                    rss1,
+                    rss1 - rss0,
+                    anon0,
+                    anon1,
+                    lua0,
+                    lua1
+                )
+                if os.getenv("VERBOSE") then
+                    print(report)
+                end
+                assert.is_true(rss1 - rss0 < MAX_GROWTH_KIB, report)
+            end
+        )
+    end
+
+    for _, mode in ipairs({ "manual", "auto" }) do
+        it(
+            ("a burst of %d keys is freed once flushed (%s sync)"):format(
+                BURST_KEYS,
+                mode
+            ),
+            function()
+                local status, body = srv:get("/burst?mode=" .. mode, nil, 60)
+                assert.equal(200, status, body)
+                local r = H.decode(body)
+                assert.equal(1, r.last)
+                local growth = r.after - r.before
+                if os.getenv("VERBOSE") then
+                    print(
+                        ("burst %s: Lua heap %d -> %d KiB"):format(
+                            mode,
+                            r.before,
+                            r.after
+                        )
+                    )
+                end
+                assert.is_true(
+                    growth < MAX_BURST_HEAP_KIB,
+                    ("Lua heap grew by %d KiB"):format(growth)
+                )
+            end
+        )
+    end
 end)

@@ -1,8 +1,8 @@
 -- A worker that exits with deltas a full dict still refuses tries them once
 -- more, then says what it loses: how many keys, and their sum.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local HTTP = [[
   lua_shared_dict tiny 256k;
@@ -42,29 +42,35 @@ local SERVER = [[
 ]]
 
 describe("#integration worker exit with a full dict", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-    end
-  end)
+    after_each(function()
+        if srv then
+            srv:stop()
+        end
+    end)
 
-  it("logs how many pending keys it loses and their sum", function()
-    srv = nginx.start{ workers = 1, http = HTTP, server = SERVER }
-    local status = srv:get("/fill")
-    assert.equal(200, status)
-    local body
-    status, body = srv:get("/hit")
-    assert.equal(200, status)
-    assert.equal("false 2\n", body)
-    assert.is_true(srv:stop(), "nginx did not quit gracefully")
-    local log = srv:error_log()
-    srv = nil
-    assert.equal(1, H.count_matches(log, "worker exiting: 2 keys with "
-                                         .. "pending increments summing 7.5 "
-                                         .. "could not be written to shared "
-                                         .. 'dict "tiny": lost'))
-    assert.same({}, H.crash_lines(log))
-  end)
+    it("logs how many pending keys it loses and their sum", function()
+        srv = nginx.start({ workers = 1, http = HTTP, server = SERVER })
+        local status = srv:get("/fill")
+        assert.equal(200, status)
+        local body
+        status, body = srv:get("/hit")
+        assert.equal(200, status)
+        assert.equal("false 2\n", body)
+        assert.is_true(srv:stop(), "nginx did not quit gracefully")
+        local log = srv:error_log()
+        srv = nil
+        assert.equal(
+            1,
+            H.count_matches(
+                log,
+                "worker exiting: 2 keys with "
+                    .. "pending increments summing 7.5 "
+                    .. "could not be written to shared "
+                    .. 'dict "tiny": lost'
+            )
+        )
+        assert.same({}, H.crash_lines(log))
+    end)
 end)

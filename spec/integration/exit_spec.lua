@@ -17,8 +17,8 @@
 -- the counters' own exit timers run first, then writes the dict's values
 -- to a file the spec reads after nginx is gone.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local N = H.LONG and 2000 or 300
 
@@ -82,70 +82,82 @@ local SERVER = [[
 
 -- N requests, each on its own connection, so several workers serve them.
 local function hit(srv, n)
-  local pids = {}
-  for _ = 1, n do
-    local status, body = srv:get("/hit")
-    assert.equal(200, status)
-    pids[body] = true
-  end
-  return pids
+    local pids = {}
+    for _ = 1, n do
+        local status, body = srv:get("/hit")
+        assert.equal(200, status)
+        pids[body] = true
+    end
+    return pids
 end
 
 local function read(srv)
-  local status, body = srv:get("/read")
-  assert.equal(200, status)
-  return H.decode(body)
+    local status, body = srv:get("/read")
+    assert.equal(200, status)
+    return H.decode(body)
 end
 
 describe("#integration nothing lost when a worker exits", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-    end
-  end)
+    after_each(function()
+        if srv then
+            srv:stop()
+        end
+    end)
 
-  it("reload (HUP): counters with and without interval hold every "
-     .. "increment made before it", function()
-    srv = nginx.start{ workers = 2, http = HTTP, server = SERVER }
-    hit(srv, N)
-    -- Nothing synced yet: only the exit flush can deliver.
-    assert.same({ auto = 0, manual = 0, orig_auto = 0, orig_manual = 0 },
-                read(srv))
+    it(
+        "reload (HUP): counters with and without interval hold every "
+            .. "increment made before it",
+        function()
+            srv = nginx.start({ workers = 2, http = HTTP, server = SERVER })
+            hit(srv, N)
+            -- Nothing synced yet: only the exit flush can deliver.
+            assert.same(
+                { auto = 0, manual = 0, orig_auto = 0, orig_manual = 0 },
+                read(srv)
+            )
 
-    srv:reload()
-    local got = read(srv)
-    assert.equal(N, got.auto)
-    assert.equal(N, got.manual)
-    -- The original: its every-timer runs one last sync at exit, but
-    -- nothing flushes a counter without an interval.
-    assert.equal(N, got.orig_auto)
-    assert.equal(0, got.orig_manual)
-    assert.same({}, H.crash_lines(srv:error_log()))
-  end)
+            srv:reload()
+            local got = read(srv)
+            assert.equal(N, got.auto)
+            assert.equal(N, got.manual)
+            -- The original: its every-timer runs one last sync at exit, but
+            -- nothing flushes a counter without an interval.
+            assert.equal(N, got.orig_auto)
+            assert.equal(0, got.orig_manual)
+            assert.same({}, H.crash_lines(srv:error_log()))
+        end
+    )
 
-  it("quit: every increment is in the dict when the worker exits", function()
-    local prefix = H.sh("mktemp -d /tmp/exit-spec.XXXXXX"):gsub("%s+$", "")
-    local witness = prefix .. "/witness"
-    assert(os.execute("mkdir " .. witness) == 0)
-    srv = nginx.start{ workers = 1, prefix = prefix, http = HTTP,
-                       server = SERVER, env = { EXIT_WITNESS = witness } }
-    local pid = srv:worker_pids()[1]
-    hit(srv, N)
-    assert.same({ auto = 0, manual = 0, orig_auto = 0, orig_manual = 0 },
-                read(srv))
+    it("quit: every increment is in the dict when the worker exits", function()
+        local prefix = H.sh("mktemp -d /tmp/exit-spec.XXXXXX"):gsub("%s+$", "")
+        local witness = prefix .. "/witness"
+        assert(os.execute("mkdir " .. witness) == 0)
+        srv = nginx.start({
+            workers = 1,
+            prefix = prefix,
+            http = HTTP,
+            server = SERVER,
+            env = { EXIT_WITNESS = witness },
+        })
+        local pid = srv:worker_pids()[1]
+        hit(srv, N)
+        assert.same(
+            { auto = 0, manual = 0, orig_auto = 0, orig_manual = 0 },
+            read(srv)
+        )
 
-    assert.is_true(srv:stop(), "nginx did not quit gracefully")
-    local text = H.read_file(witness .. "/" .. pid)
-    local log = srv:error_log()
-    os.execute("rm -rf '" .. prefix .. "'")
-    assert(text, "the exiting worker wrote no witness file")
-    local got = H.decode(text)
-    assert.equal(N, got.auto)
-    assert.equal(N, got.manual)
-    assert.equal(N, got.orig_auto)
-    assert.equal("nil", got.orig_manual)
-    assert.same({}, H.crash_lines(log))
-  end)
+        assert.is_true(srv:stop(), "nginx did not quit gracefully")
+        local text = H.read_file(witness .. "/" .. pid)
+        local log = srv:error_log()
+        os.execute("rm -rf '" .. prefix .. "'")
+        assert(text, "the exiting worker wrote no witness file")
+        local got = H.decode(text)
+        assert.equal(N, got.auto)
+        assert.equal(N, got.manual)
+        assert.equal(N, got.orig_auto)
+        assert.equal("nil", got.orig_manual)
+        assert.same({}, H.crash_lines(log))
+    end)
 end)

@@ -12,8 +12,8 @@
 --              and each worker's timer flushes it: 4 K.
 -- Requests served afterwards count normally on every counter.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local WORKERS = 4
 local K = 1000
@@ -68,49 +68,59 @@ local SERVER = [[
 ]]
 
 describe("#integration counted once across fork", function()
-  local srv
+    local srv
 
-  setup(function()
-    srv = nginx.start{ workers = WORKERS, http = HTTP, server = SERVER }
-  end)
-
-  teardown(function()
-    if srv then
-      srv:stop()
-    end
-  end)
-
-  local function read()
-    local status, body = srv:get("/read")
-    assert.equal(200, status)
-    return H.decode(body)
-  end
-
-  it("init_by_lua increments reach the dict once, not once per worker",
-     function()
-    -- A worker takes its title after init_worker_by_lua (where it loads
-    -- the library): wait for all of them rather than look once.
-    assert.is_true(H.poll(10, function()
-      return #srv:worker_pids() == WORKERS
-    end), "fewer than " .. WORKERS .. " workers")
-    for _ = 1, HITS do
-      assert.equal(200, (srv:get("/hit")))
-    end
-    -- Wait until every counter has synced the requests' increments: by
-    -- then every worker's timer has run at least once.
-    local got = H.poll(10, function()
-      local t = read()
-      return t["fork_new.w"] == HITS and t["fork_new2.w"] == HITS
-             and t["fork_orig.w"] == HITS and t
+    setup(function()
+        srv = nginx.start({ workers = WORKERS, http = HTTP, server = SERVER })
     end)
-    assert.is_table(got, "the requests' increments never arrived")
-    H.sleep(3 * INTERVAL)
-    got = read()
-    assert.same({
-      ["fork_new.k"] = K, ["fork_new.w"] = HITS,
-      ["fork_new2.k"] = K, ["fork_new2.w"] = HITS,
-      -- The original: once per worker.
-      ["fork_orig.k"] = WORKERS * K, ["fork_orig.w"] = HITS,
-    }, got)
-  end)
+
+    teardown(function()
+        if srv then
+            srv:stop()
+        end
+    end)
+
+    local function read()
+        local status, body = srv:get("/read")
+        assert.equal(200, status)
+        return H.decode(body)
+    end
+
+    it(
+        "init_by_lua increments reach the dict once, not once per worker",
+        function()
+            -- A worker takes its title after init_worker_by_lua (where it loads
+            -- the library): wait for all of them rather than look once.
+            assert.is_true(
+                H.poll(10, function()
+                    return #srv:worker_pids() == WORKERS
+                end),
+                "fewer than " .. WORKERS .. " workers"
+            )
+            for _ = 1, HITS do
+                assert.equal(200, (srv:get("/hit")))
+            end
+            -- Wait until every counter has synced the requests' increments: by
+            -- then every worker's timer has run at least once.
+            local got = H.poll(10, function()
+                local t = read()
+                return t["fork_new.w"] == HITS
+                    and t["fork_new2.w"] == HITS
+                    and t["fork_orig.w"] == HITS
+                    and t
+            end)
+            assert.is_table(got, "the requests' increments never arrived")
+            H.sleep(3 * INTERVAL)
+            got = read()
+            assert.same({
+                ["fork_new.k"] = K,
+                ["fork_new.w"] = HITS,
+                ["fork_new2.k"] = K,
+                ["fork_new2.w"] = HITS,
+                -- The original: once per worker.
+                ["fork_orig.k"] = WORKERS * K,
+                ["fork_orig.w"] = HITS,
+            }, got)
+        end
+    )
 end)

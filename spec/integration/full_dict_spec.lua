@@ -13,8 +13,8 @@
 --   * evictions: a dict full of same-size entries, so each new key evicts
 --     one of them and is stored (`forcible`).
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local HTTP = [[
   lua_shared_dict mid_new 64k;
@@ -150,157 +150,202 @@ local SERVER = [[
 ]]
 
 local STATS_FIELDS = {
-  "pending_keys", "pending_bytes", "keys_flushed", "retries",
-  "dropped_deltas", "dropped_permanent", "evictions", "failed_writes",
-  "syncs", "failed_syncs", "last_sync_seconds", "dropped_overflow",
+    "pending_keys",
+    "pending_bytes",
+    "keys_flushed",
+    "retries",
+    "dropped_deltas",
+    "dropped_permanent",
+    "evictions",
+    "failed_writes",
+    "syncs",
+    "failed_syncs",
+    "last_sync_seconds",
+    "dropped_overflow",
 }
 
 describe("#integration full dict", function()
-  local srv
+    local srv
 
-  setup(function()
-    srv = nginx.start{ workers = 1, http = HTTP, server = SERVER }
-  end)
+    setup(function()
+        srv = nginx.start({ workers = 1, http = HTTP, server = SERVER })
+    end)
 
-  teardown(function()
-    if srv then
-      srv:stop()
+    teardown(function()
+        if srv then
+            srv:stop()
+        end
+    end)
+
+    local function get(path)
+        local status, body = srv:get(path, nil, 30)
+        assert.equal(200, status, body)
+        return H.decode(body), body
     end
-  end)
 
-  local function get(path)
-    local status, body = srv:get(path, nil, 30)
-    assert.equal(200, status, body)
-    return H.decode(body), body
-  end
+    it(
+        "keeps transient failures pending, retries them, and delivers them "
+            .. "exactly once room returns",
+        function()
+            local _, filled = get("/fill?d=mid_new")
+            assert.is_true(tonumber(filled) > 100, filled)
 
-  it("keeps transient failures pending, retries them, and delivers them "
-     .. "exactly once room returns", function()
-    local _, filled = get("/fill?d=mid_new")
-    assert.is_true(tonumber(filled) > 100, filled)
+            local r = get("/big?d=mid_new")
+            assert.equal(3, r["stats.pending_keys"])
+            assert.equal(0, r["stats.keys_flushed"])
+            assert.equal(0, r["stats.retries"])
+            assert.equal(1, r["stats.failed_syncs"])
+            assert.same(
+                { "nil", "nil", "nil" },
+                { r["value.big1"], r["value.big2"], r["value.big3"] }
+            )
 
-    local r = get("/big?d=mid_new")
-    assert.equal(3, r["stats.pending_keys"])
-    assert.equal(0, r["stats.keys_flushed"])
-    assert.equal(0, r["stats.retries"])
-    assert.equal(1, r["stats.failed_syncs"])
-    assert.same({ "nil", "nil", "nil" },
-                { r["value.big1"], r["value.big2"], r["value.big3"] })
+            r = get("/sync?d=mid_new")
+            assert.equal(3, r["stats.pending_keys"])
+            assert.equal(3, r["stats.retries"])
 
-    r = get("/sync?d=mid_new")
-    assert.equal(3, r["stats.pending_keys"])
-    assert.equal(3, r["stats.retries"])
+            -- More increments of the same keys merge into the pending ones.
+            r = get("/big?d=mid_new")
+            assert.equal(3, r["stats.pending_keys"])
+            assert.equal(0, r["stats.dropped_deltas"])
 
-    -- More increments of the same keys merge into the pending ones.
-    r = get("/big?d=mid_new")
-    assert.equal(3, r["stats.pending_keys"])
-    assert.equal(0, r["stats.dropped_deltas"])
+            get("/room?d=mid_new")
+            r = get("/sync?d=mid_new")
+            assert.equal(0, r["stats.pending_keys"])
+            assert.equal(0, r["stats.pending_bytes"])
+            assert.equal(3, r["stats.keys_flushed"])
+            assert.same(
+                { 2, 4, 6 },
+                { r["value.big1"], r["value.big2"], r["value.big3"] }
+            )
+        end
+    )
 
-    get("/room?d=mid_new")
-    r = get("/sync?d=mid_new")
-    assert.equal(0, r["stats.pending_keys"])
-    assert.equal(0, r["stats.pending_bytes"])
-    assert.equal(3, r["stats.keys_flushed"])
-    assert.same({ 2, 4, 6 },
-                { r["value.big1"], r["value.big2"], r["value.big3"] })
-  end)
+    it("the original loses the increments that met a full dict", function()
+        get("/fill?d=mid_orig")
+        get("/big?m=orig&d=mid_orig")
+        get("/big?m=orig&d=mid_orig")
+        get("/room?d=mid_orig")
+        local r = get("/sync?m=orig&d=mid_orig")
+        assert.same(
+            { "nil", "nil", "nil" },
+            { r["value.big1"], r["value.big2"], r["value.big3"] }
+        )
+    end)
 
-  it("the original loses the increments that met a full dict", function()
-    get("/fill?d=mid_orig")
-    get("/big?m=orig&d=mid_orig")
-    get("/big?m=orig&d=mid_orig")
-    get("/room?d=mid_orig")
-    local r = get("/sync?m=orig&d=mid_orig")
-    assert.same({ "nil", "nil", "nil" },
-                { r["value.big1"], r["value.big2"], r["value.big3"] })
-  end)
+    it(
+        "caps what a dict that stays full retains, counts what the cap drops, "
+            .. "and logs it once per sync",
+        function()
+            local _, fits = get("/fits?d=tiny&len=100")
+            assert.equal(
+                "no memory 0",
+                fits,
+                "precondition: an empty 12k dict must refuse a 100-byte key"
+            )
 
-  it("caps what a dict that stays full retains, counts what the cap drops, "
-     .. "and logs it once per sync", function()
-    local _, fits = get("/fits?d=tiny&len=100")
-    assert.equal("no memory 0", fits,
-                 "precondition: an empty 12k dict must refuse a 100-byte key")
+            local r = get("/many?d=tiny&round=1&len=100&n=12000")
+            assert.equal(10000, r["stats.pending_keys"]) -- the key cap
+            assert.equal(2000, r["stats.dropped_deltas"])
+            r = get("/many?d=tiny&round=2&len=100&n=12000")
+            assert.equal(10000, r["stats.pending_keys"])
+            assert.equal(10000, r["stats.retries"])
+            assert.equal(14000, r["stats.dropped_deltas"])
 
-    local r = get("/many?d=tiny&round=1&len=100&n=12000")
-    assert.equal(10000, r["stats.pending_keys"])       -- the key cap
-    assert.equal(2000, r["stats.dropped_deltas"])
-    r = get("/many?d=tiny&round=2&len=100&n=12000")
-    assert.equal(10000, r["stats.pending_keys"])
-    assert.equal(10000, r["stats.retries"])
-    assert.equal(14000, r["stats.dropped_deltas"])
+            local log = srv:error_log()
+            assert.equal(2, H.count_matches(log, "the pending cap is reached"))
+            assert.equal(
+                1,
+                H.count_matches(log, "dropped 2000 increments in this sync")
+            )
+            assert.equal(
+                1,
+                H.count_matches(log, "dropped 12000 increments in this sync")
+            )
+            -- Per-key lines stop at 100 per sync; a summary counts the rest.
+            local per_key = H.count_matches(
+                log,
+                "error increasing counter in shdict key: 1:"
+            )
+            assert.is_true(per_key <= 100, per_key .. " per-key lines")
+            assert.equal(1, H.count_matches(log, "9900 more keys failed"))
+        end
+    )
 
-    local log = srv:error_log()
-    assert.equal(2, H.count_matches(log, "the pending cap is reached"))
-    assert.equal(1, H.count_matches(log, "dropped 2000 increments in this sync"))
-    assert.equal(1, H.count_matches(log, "dropped 12000 increments in this sync"))
-    -- Per-key lines stop at 100 per sync; a summary counts the rest.
-    local per_key = H.count_matches(log, "error increasing counter in shdict key: 1:")
-    assert.is_true(per_key <= 100, per_key .. " per-key lines")
-    assert.equal(1, H.count_matches(log, "9900 more keys failed"))
-  end)
+    it("caps retention in bytes too", function()
+        local _, fits = get("/fits?d=tiny_bytes&len=1000")
+        assert.equal("no memory 0", fits)
+        local r = get("/many?d=tiny_bytes&round=1&len=1000&n=9000")
+        local cap = 8 * 1024 * 1024
+        assert.is_true(r["stats.pending_bytes"] <= cap)
+        assert.is_true(r["stats.pending_bytes"] > cap - 2000, "cap not reached")
+        assert.is_true(r["stats.pending_keys"] < 9000)
+        assert.equal(9000 - r["stats.pending_keys"], r["stats.dropped_deltas"])
+    end)
 
-  it("caps retention in bytes too", function()
-    local _, fits = get("/fits?d=tiny_bytes&len=1000")
-    assert.equal("no memory 0", fits)
-    local r = get("/many?d=tiny_bytes&round=1&len=1000&n=9000")
-    local cap = 8 * 1024 * 1024
-    assert.is_true(r["stats.pending_bytes"] <= cap)
-    assert.is_true(r["stats.pending_bytes"] > cap - 2000, "cap not reached")
-    assert.is_true(r["stats.pending_keys"] < 9000)
-    assert.equal(9000 - r["stats.pending_keys"], r["stats.dropped_deltas"])
-  end)
+    it(
+        "counts and logs the evictions a sync causes, and stores its keys",
+        function()
+            get("/fill?d=evict")
+            local r = get("/evict?d=evict")
+            assert.is_true(r["stats.evictions"] > 0)
+            assert.equal(10, r["stats.keys_flushed"])
+            assert.equal(0, r["stats.pending_keys"])
+            for i = 1, 10 do
+                assert.equal(i, r[("value.c%06d"):format(i)])
+            end
+            assert.truthy(
+                srv:error_log():find(
+                    'flushing into shared dict "evict" '
+                        .. "evicted other entries "
+                        .. r["stats.evictions"]
+                        .. " times",
+                    1,
+                    true
+                )
+            )
+        end
+    )
 
-  it("counts and logs the evictions a sync causes, and stores its keys",
-     function()
-    get("/fill?d=evict")
-    local r = get("/evict?d=evict")
-    assert.is_true(r["stats.evictions"] > 0)
-    assert.equal(10, r["stats.keys_flushed"])
-    assert.equal(0, r["stats.pending_keys"])
-    for i = 1, 10 do
-      assert.equal(i, r[("value.c%06d"):format(i)])
-    end
-    assert.truthy(srv:error_log():find('flushing into shared dict "evict" '
-                                       .. "evicted other entries "
-                                       .. r["stats.evictions"] .. " times",
-                                       1, true))
-  end)
+    it("a key holding a string fails alone; every other key arrives", function()
+        local r = get("/strkey?d=strdict")
+        assert.equal("text", r["value.str"])
+        for i = 1, 50 do
+            assert.equal(i, r["value.n" .. i])
+        end
+        assert.equal(1, r["stats.dropped_permanent"])
+        assert.equal(0, r["stats.pending_keys"])
+        assert.equal(50, r["stats.keys_flushed"])
+        assert.truthy(
+            srv:error_log():find(
+                "error increasing counter in shdict key: str, err: not a number",
+                1,
+                true
+            )
+        )
+    end)
 
-  it("a key holding a string fails alone; every other key arrives",
-     function()
-    local r = get("/strkey?d=strdict")
-    assert.equal("text", r["value.str"])
-    for i = 1, 50 do
-      assert.equal(i, r["value.n" .. i])
-    end
-    assert.equal(1, r["stats.dropped_permanent"])
-    assert.equal(0, r["stats.pending_keys"])
-    assert.equal(50, r["stats.keys_flushed"])
-    assert.truthy(srv:error_log():find(
-      "error increasing counter in shdict key: str, err: not a number", 1, true))
-  end)
-
-  it("stats() reports every field, and they move with each sync", function()
-    -- Its own dict: two syncs here, whatever other tests ran.
-    local r = get("/strkey?d=strdict_stats")
-    assert.equal(1, r["stats.syncs"])
-    assert.equal(50, r["stats.keys_flushed"])
-    r = get("/strkey?d=strdict_stats")
-    for _, field in ipairs(STATS_FIELDS) do
-      assert.is_number(r["stats." .. field], field)
-    end
-    assert.equal(2, r["stats.syncs"])
-    assert.equal(100, r["stats.keys_flushed"])
-    assert.equal(2, r["stats.dropped_permanent"])
-    assert.equal(2, r["stats.failed_writes"])
-    assert.equal(2, r["stats.failed_syncs"])
-    assert.is_true(r["stats.last_sync_seconds"] >= 0)
-    for i = 1, 50 do
-      assert.equal(2 * i, r["value.n" .. i])
-    end
-    -- The original has no stats() at all.
-    local orig = get("/strkey?m=orig&d=strdict_stats")
-    assert.is_nil(orig["stats.syncs"])
-    assert.same({}, H.crash_lines(srv:error_log()))
-  end)
+    it("stats() reports every field, and they move with each sync", function()
+        -- Its own dict: two syncs here, whatever other tests ran.
+        local r = get("/strkey?d=strdict_stats")
+        assert.equal(1, r["stats.syncs"])
+        assert.equal(50, r["stats.keys_flushed"])
+        r = get("/strkey?d=strdict_stats")
+        for _, field in ipairs(STATS_FIELDS) do
+            assert.is_number(r["stats." .. field], field)
+        end
+        assert.equal(2, r["stats.syncs"])
+        assert.equal(100, r["stats.keys_flushed"])
+        assert.equal(2, r["stats.dropped_permanent"])
+        assert.equal(2, r["stats.failed_writes"])
+        assert.equal(2, r["stats.failed_syncs"])
+        assert.is_true(r["stats.last_sync_seconds"] >= 0)
+        for i = 1, 50 do
+            assert.equal(2 * i, r["value.n" .. i])
+        end
+        -- The original has no stats() at all.
+        local orig = get("/strkey?m=orig&d=strdict_stats")
+        assert.is_nil(orig["stats.syncs"])
+        assert.same({}, H.crash_lines(srv:error_log()))
+    end)
 end)

@@ -2,8 +2,8 @@
 -- timer table (its timer heals itself), increments made after the exit
 -- flush still reach the dict, and a key cannot forge an error.log line.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local COMMON_SERVER = [[
   location = /read {
@@ -16,41 +16,48 @@ local COMMON_SERVER = [[
 ]]
 
 local function read(srv, key, dict)
-  local status, body = srv:get("/read?key=" .. key .. "&dict=" .. (dict or "d"))
-  assert.equal(200, status)
-  return H.decode(body).v
+    local status, body =
+        srv:get("/read?key=" .. key .. "&dict=" .. (dict or "d"))
+    assert.equal(200, status)
+    return H.decode(body).v
 end
 
 -- Polls until the dict holds `want` for `key`; returns the last value.
 local function wait_for(srv, key, want, timeout, dict)
-  local last
-  H.poll(timeout or 8, function()
-    last = read(srv, key, dict)
-    return last == want
-  end)
-  return last
+    local last
+    H.poll(timeout or 8, function()
+        last = read(srv, key, dict)
+        return last == want
+    end)
+    return last
 end
 
 describe("#integration the automatic sync heals itself", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-      srv = nil
-    end
-  end)
+    after_each(function()
+        if srv then
+            srv:stop()
+            srv = nil
+        end
+    end)
 
-  it("keeps syncing when the application takes every freed pending-timer "
-     .. "slot (lua_max_pending_timers 4)", function()
-    srv = nginx.start{ workers = 1, http = [[
+    it(
+        "keeps syncing when the application takes every freed pending-timer "
+            .. "slot (lua_max_pending_timers 4)",
+        function()
+            srv = nginx.start({
+                workers = 1,
+                http = [[
       lua_max_pending_timers 4;
       lua_shared_dict d 20m;
       init_worker_by_lua_block {
         require("spec.integration.helpers").c =
           require("resty.counter").new("d", 0.2)
       }
-    ]], server = COMMON_SERVER .. [[
+    ]],
+                server = COMMON_SERVER
+                    .. [[
       location = /dirty {
         content_by_lua_block {
           local c = require("spec.integration.helpers").c
@@ -84,24 +91,31 @@ describe("#integration the automatic sync heals itself", function()
           for _ = 1, 5 do c:incr("five") end
         }
       }
-    ]] }
-    assert.equal(200, (srv:get("/dirty")))
-    assert.equal(200, (srv:get("/grab", nil, 10)))
-    H.sleep(0.7)  -- the grabbed timers fire and free their slots
-    assert.equal(200, (srv:get("/five")))
-    assert.equal(5, wait_for(srv, "five", 5))
-  end)
+    ]],
+            })
+            assert.equal(200, (srv:get("/dirty")))
+            assert.equal(200, (srv:get("/grab", nil, 10)))
+            H.sleep(0.7) -- the grabbed timers fire and free their slots
+            assert.equal(200, (srv:get("/five")))
+            assert.equal(5, wait_for(srv, "five", 5))
+        end
+    )
 
-  it("keeps syncing after a run dropped by lua_max_running_timers 1",
-     function()
-    srv = nginx.start{ workers = 1, http = [[
+    it(
+        "keeps syncing after a run dropped by lua_max_running_timers 1",
+        function()
+            srv = nginx.start({
+                workers = 1,
+                http = [[
       lua_max_running_timers 1;
       lua_shared_dict d 1m;
       init_worker_by_lua_block {
         require("spec.integration.helpers").c =
           require("resty.counter").new("d", 0.2)
       }
-    ]], server = COMMON_SERVER .. [[
+    ]],
+                server = COMMON_SERVER
+                    .. [[
       location = /block {
         content_by_lua_block {
           -- An application timer that runs for 2 s: every other timer
@@ -114,24 +128,31 @@ describe("#integration the automatic sync heals itself", function()
           require("spec.integration.helpers").c:incr("hits")
         }
       }
-    ]] }
-    assert.equal(200, (srv:get("/block")))
-    for _ = 1, 5 do
-      assert.equal(200, (srv:get("/hit")))
-    end
-    H.sleep(2.2)
-    assert.equal(5, wait_for(srv, "hits", 5))
-  end)
+    ]],
+            })
+            assert.equal(200, (srv:get("/block")))
+            for _ = 1, 5 do
+                assert.equal(200, (srv:get("/hit")))
+            end
+            H.sleep(2.2)
+            assert.equal(5, wait_for(srv, "hits", 5))
+        end
+    )
 
-  it("counts every request under load with per-request application "
-     .. "timers (default limits): counted == served", function()
-    srv = nginx.start{ workers = 1, http = [[
+    it(
+        "counts every request under load with per-request application "
+            .. "timers (default limits): counted == served",
+        function()
+            srv = nginx.start({
+                workers = 1,
+                http = [[
       lua_shared_dict d 50m;
       init_worker_by_lua_block {
         require("spec.integration.helpers").c =
           require("resty.counter").new("d", 0.1)
       }
-    ]], server = COMMON_SERVER .. [[
+    ]],
+                server = COMMON_SERVER .. [[
       location = /load {
         content_by_lua_block {
           local c = require("spec.integration.helpers").c
@@ -142,26 +163,38 @@ describe("#integration the automatic sync heals itself", function()
           ngx.shared.d:incr("served", 1, 0)
         }
       }
-    ]] }
-    local out = H.wrk{ url = srv.url .. "/load", seconds = 4,
-                       connections = 64, script = "" }
-    local served = read(srv, "served")
-    assert.is_true(served > 0, out)
-    local counted = wait_for(srv, "counted", served)
-    print(("counted/served: %d/%d"):format(counted, served))
-    assert.equal(served, counted)
-  end)
+    ]],
+            })
+            local out = H.wrk({
+                url = srv.url .. "/load",
+                seconds = 4,
+                connections = 64,
+                script = "",
+            })
+            local served = read(srv, "served")
+            assert.is_true(served > 0, out)
+            local counted = wait_for(srv, "counted", served)
+            print(("counted/served: %d/%d"):format(counted, served))
+            assert.equal(served, counted)
+        end
+    )
 
-  it("a manual counter still flushes at reload after its guard timer's "
-     .. "run was dropped (lua_max_running_timers 1)", function()
-    srv = nginx.start{ workers = 1, http = [[
+    it(
+        "a manual counter still flushes at reload after its guard timer's "
+            .. "run was dropped (lua_max_running_timers 1)",
+        function()
+            srv = nginx.start({
+                workers = 1,
+                http = [[
       lua_max_running_timers 1;
       lua_shared_dict d 1m;
       init_worker_by_lua_block {
         require("spec.integration.helpers").c =
           require("resty.counter").new("d")
       }
-    ]], server = COMMON_SERVER .. [[
+    ]],
+                server = COMMON_SERVER
+                    .. [[
       location = /block {
         content_by_lua_block {
           -- An application timer that runs for 2.5 s: the guard's run due
@@ -174,22 +207,28 @@ describe("#integration the automatic sync heals itself", function()
           require("spec.integration.helpers").c:incr("hits")
         }
       }
-    ]] }
-    assert.equal(200, (srv:get("/hit")))  -- "hits" is buffered from here
-    assert.equal(200, (srv:get("/block")))
-    H.sleep(2.7)
-    for _ = 1, 4 do
-      assert.equal(200, (srv:get("/hit")))
-    end
-    srv:reload()
-    assert.equal(5, wait_for(srv, "hits", 5, 3))
-  end)
+    ]],
+            })
+            assert.equal(200, (srv:get("/hit"))) -- "hits" is buffered from here
+            assert.equal(200, (srv:get("/block")))
+            H.sleep(2.7)
+            for _ = 1, 4 do
+                assert.equal(200, (srv:get("/hit")))
+            end
+            srv:reload()
+            assert.equal(5, wait_for(srv, "hits", 5, 3))
+        end
+    )
 
-  it("logs a refused timer once and its recovery once", function()
-    srv = nginx.start{ workers = 1, http = [[
+    it("logs a refused timer once and its recovery once", function()
+        srv = nginx.start({
+            workers = 1,
+            http = [[
       lua_max_pending_timers 2;
       lua_shared_dict d 1m;
-    ]], server = COMMON_SERVER .. [[
+    ]],
+            server = COMMON_SERVER
+                .. [[
       location = /down {
         content_by_lua_block {
           -- Every pending-timer slot is taken (for 1 s) when the counter
@@ -210,31 +249,36 @@ describe("#integration the automatic sync heals itself", function()
           require("spec.integration.helpers").c:incr("hits")
         }
       }
-    ]] }
-    assert.equal(200, (srv:get("/down")))
-    H.sleep(1.2)  -- the application's timers have fired
-    assert.equal(200, (srv:get("/hit")))
-    assert.equal(1, wait_for(srv, "hits", 1))
-    assert.equal(1, wait_for(srv, "k40", 1))
-    local log = srv:error_log()
-    local function count(plain)
-      local n, at = 0, 1
-      while true do
-        local i = log:find(plain, at, true)
-        if not i then return n end
-        n, at = n + 1, i + 1
-      end
-    end
-    assert.equal(1, count("cannot start the timer of shared dict \"d\""),
-                 log)
-    assert.equal(1, count("the timer of shared dict \"d\" runs again"), log)
-  end)
+    ]],
+        })
+        assert.equal(200, (srv:get("/down")))
+        H.sleep(1.2) -- the application's timers have fired
+        assert.equal(200, (srv:get("/hit")))
+        assert.equal(1, wait_for(srv, "hits", 1))
+        assert.equal(1, wait_for(srv, "k40", 1))
+        local log = srv:error_log()
+        local function count(plain)
+            local n, at = 0, 1
+            while true do
+                local i = log:find(plain, at, true)
+                if not i then
+                    return n
+                end
+                n, at = n + 1, i + 1
+            end
+        end
+        assert.equal(1, count('cannot start the timer of shared dict "d"'), log)
+        assert.equal(1, count('the timer of shared dict "d" runs again'), log)
+    end)
 end)
 
 describe("#integration increments after the exit flush", function()
-  it("reach the dict: 8 requests that increment 1 s after a reload",
-     function()
-    local srv = nginx.start{ workers = 1, http = [[
+    it(
+        "reach the dict: 8 requests that increment 1 s after a reload",
+        function()
+            local srv = nginx.start({
+                workers = 1,
+                http = [[
       lua_shared_dict d 1m;
       lua_shared_dict m 1m;
       init_worker_by_lua_block {
@@ -242,7 +286,8 @@ describe("#integration increments after the exit flush", function()
         H.auto = require("resty.counter").new("d", 3600)
         H.manual = require("resty.counter").new("m")
       }
-    ]], server = COMMON_SERVER .. [[
+    ]],
+                server = COMMON_SERVER .. [[
       location = /late {
         content_by_lua_block {
           local H = require "spec.integration.helpers"
@@ -251,26 +296,33 @@ describe("#integration increments after the exit flush", function()
           H.manual:incr("late")
         }
       }
-    ]] }
-    local ok, err = pcall(function()
-      for _ = 1, 8 do
-        os.execute("curl -s -o /dev/null '" .. srv.url .. "/late' &")
-      end
-      H.sleep(0.3)
-      srv:reload()
-      assert.equal(8, wait_for(srv, "late", 8, 3))
-      assert.equal(8, wait_for(srv, "late", 8, 3, "m"))
-    end)
-    srv:stop()
-    assert(ok, err)
-  end)
+    ]],
+            })
+            local ok, err = pcall(function()
+                for _ = 1, 8 do
+                    os.execute(
+                        "curl -s -o /dev/null '" .. srv.url .. "/late' &"
+                    )
+                end
+                H.sleep(0.3)
+                srv:reload()
+                assert.equal(8, wait_for(srv, "late", 8, 3))
+                assert.equal(8, wait_for(srv, "late", 8, 3, "m"))
+            end)
+            srv:stop()
+            assert(ok, err)
+        end
+    )
 end)
 
 describe("#integration keys in error messages", function()
-  it("cannot forge an error.log line through the overflow error", function()
-    local srv = nginx.start{ workers = 1, http = [[
+    it("cannot forge an error.log line through the overflow error", function()
+        local srv = nginx.start({
+            workers = 1,
+            http = [[
       lua_shared_dict d 1m;
-    ]], server = COMMON_SERVER .. [[
+    ]],
+            server = COMMON_SERVER .. [[
       location = /forge {
         content_by_lua_block {
           local c = require("resty.counter").new("d")
@@ -279,66 +331,89 @@ describe("#integration keys in error messages", function()
           c:incr(key, 1e308)  -- overflows; not caught
         }
       }
-    ]] }
-    local status = srv:get("/forge")
-    local log = srv:error_log()
-    srv:stop()
-    assert.equal(500, status)
-    assert.matches("would overflow", log, 1, true)
-    assert.is_nil(log:find("\n2026/01/01 00:00:00 [emerg]", 1, true), log)
-  end)
+    ]],
+        })
+        local status = srv:get("/forge")
+        local log = srv:error_log()
+        srv:stop()
+        assert.equal(500, status)
+        assert.matches("would overflow", log, 1, true)
+        assert.is_nil(log:find("\n2026/01/01 00:00:00 [emerg]", 1, true), log)
+    end)
 end)
 
 describe("#integration lua_code_cache off (a Lua VM per request)", function()
-  local INITS = { "", 'init_by_lua_block { require "resty.counter" }' }
-  for _, init in ipairs(INITS) do
-    it("counts exactly, logs no error and keeps the worker's memory bounded"
-       .. (init == "" and "" or " (loaded by init_by_lua too)"), function()
-      local N = 1500
-      local srv = nginx.start{ workers = 1, http = [[
+    local INITS = { "", 'init_by_lua_block { require "resty.counter" }' }
+    for _, init in ipairs(INITS) do
+        it(
+            "counts exactly, logs no error and keeps the worker's memory bounded"
+                .. (init == "" and "" or " (loaded by init_by_lua too)"),
+            function()
+                local N = 1500
+                local srv = nginx.start({
+                    workers = 1,
+                    http = [[
         lua_code_cache off;
         lua_shared_dict counters 1m;
-      ]] .. init, server = COMMON_SERVER .. [[
+      ]] .. init,
+                    server = COMMON_SERVER
+                        .. [[
         location = /hit {
           content_by_lua_block {
             require("resty.counter").new("counters", 0.2):incr("hits")
           }
         }
-      ]] }
-      local ok, err = pcall(function()
-        local pid = srv:worker_pids()[1]
-        local function hit()
-          local status, err = srv:get("/hit")
-          assert.equal(200, status, err)
-        end
-        for _ = 1, 100 do
-          hit()
-        end
-        local before = H.rss_kib(pid)
-        for _ = 101, N do
-          hit()
-        end
-        local got = wait_for(srv, "hits", N, 5, "counters")
-        local after = H.rss_kib(pid)
-        print(("code cache off: %d/%d counted, worker RSS %d -> %d KiB")
-              :format(got, N, before, after))
-        assert.equal(N, got)
-        -- Generous: a VM kept alive per request costs far more (measured:
-        -- about 440 MB for 1,400 requests).
-        assert.is_true(after - before < 32 * 1024,
-                       ("RSS grew %d KiB"):format(after - before))
-        local errors = {}
-        for line in srv:error_log():gmatch("[^\n]+") do
-          if (line:find("%[error%]") or line:find("%[crit%]")
-              or line:find("%[alert%]") or line:find("%[emerg%]"))
-             and not line:find("lua_code_cache is off", 1, true) then
-            errors[#errors + 1] = line
-          end
-        end
-        assert.same({}, errors)
-      end)
-      srv:stop()
-      assert(ok, err)
-    end)
-  end
+      ]],
+                })
+                local ok, err = pcall(function()
+                    local pid = srv:worker_pids()[1]
+                    local function hit()
+                        local status, err = srv:get("/hit")
+                        assert.equal(200, status, err)
+                    end
+                    for _ = 1, 100 do
+                        hit()
+                    end
+                    local before = H.rss_kib(pid)
+                    for _ = 101, N do
+                        hit()
+                    end
+                    local got = wait_for(srv, "hits", N, 5, "counters")
+                    local after = H.rss_kib(pid)
+                    print(
+                        ("code cache off: %d/%d counted, worker RSS %d -> %d KiB"):format(
+                            got,
+                            N,
+                            before,
+                            after
+                        )
+                    )
+                    assert.equal(N, got)
+                    -- Generous: a VM kept alive per request costs far more (measured:
+                    -- about 440 MB for 1,400 requests).
+                    assert.is_true(
+                        after - before < 32 * 1024,
+                        ("RSS grew %d KiB"):format(after - before)
+                    )
+                    local errors = {}
+                    for line in srv:error_log():gmatch("[^\n]+") do
+                        if
+                            (
+                                line:find("%[error%]")
+                                or line:find("%[crit%]")
+                                or line:find("%[alert%]")
+                                or line:find("%[emerg%]")
+                            )
+                            and not line:find("lua_code_cache is off", 1, true)
+                        then
+                            errors[#errors + 1] = line
+                        end
+                    end
+                    assert.same({}, errors)
+                end)
+                srv:stop()
+                assert(ok, err)
+            end
+        )
+    end
 end)

@@ -5,7 +5,7 @@
 -- The spec asks nginx itself which case it is: one ngx.sleep(0), then the
 -- error log. It runs on every flavor.
 
-local nginx = require "spec.support.nginx"
+local nginx = require("spec.support.nginx")
 
 local KEYS = 20000
 local NO_PATCH_WARN = "called without delayed events patch"
@@ -50,46 +50,52 @@ local SERVER = [[
 ]]
 
 local function warns(srv)
-  local _, n = srv:error_log():gsub(NO_PATCH_WARN, "")
-  return n
+    local _, n = srv:error_log():gsub(NO_PATCH_WARN, "")
+    return n
 end
 
 describe("the pause between sync slices", function()
-  local srv
+    local srv
 
-  before_each(function()
-    srv = nginx.start{ workers = 1, http = HTTP, server = SERVER }
-  end)
+    before_each(function()
+        srv = nginx.start({ workers = 1, http = HTTP, server = SERVER })
+    end)
 
-  after_each(function()
-    srv:stop()
-  end)
+    after_each(function()
+        srv:stop()
+    end)
 
-  it("is 0 where ngx.sleep(0) yields, 1 ms elsewhere, and never logs its WARN",
-     function()
-    assert.equal(200, (srv:get("/probe")))
-    local patched = warns(srv) == 0
-    local status, pause = srv:get("/pause")
-    assert.equal(200, status)
-    assert.equal(patched and "0" or "0.001", pause,
-                 nginx.flavor().name .. ": ngx.sleep(0) "
-                 .. (patched and "yields" or "warns"))
+    it(
+        "is 0 where ngx.sleep(0) yields, 1 ms elsewhere, and never logs its WARN",
+        function()
+            assert.equal(200, (srv:get("/probe")))
+            local patched = warns(srv) == 0
+            local status, pause = srv:get("/pause")
+            assert.equal(200, status)
+            assert.equal(
+                patched and "0" or "0.001",
+                pause,
+                nginx.flavor().name
+                    .. ": ngx.sleep(0) "
+                    .. (patched and "yields" or "warns")
+            )
 
-    -- A sliced sync of many keys: exact, and no sleep(0) WARN of ours.
-    local before = warns(srv)
-    assert.equal(200, (srv:get("/fill")))
-    local socket = require "socket"
-    local deadline = socket.gettime() + 10
-    local body
-    repeat
-      local _
-      _, body = srv:get("/count")
-      if body == tostring(KEYS) then
-        break
-      end
-      socket.sleep(0.05)
-    until socket.gettime() > deadline
-    assert.equal(tostring(KEYS), body)
-    assert.equal(before, warns(srv))
-  end)
+            -- A sliced sync of many keys: exact, and no sleep(0) WARN of ours.
+            local before = warns(srv)
+            assert.equal(200, (srv:get("/fill")))
+            local socket = require("socket")
+            local deadline = socket.gettime() + 10
+            local body
+            repeat
+                local _
+                _, body = srv:get("/count")
+                if body == tostring(KEYS) then
+                    break
+                end
+                socket.sleep(0.05)
+            until socket.gettime() > deadline
+            assert.equal(tostring(KEYS), body)
+            assert.equal(before, warns(srv))
+        end
+    )
 end)

@@ -16,9 +16,9 @@
 --     counts the requests it logged in the BUFFERED seconds before its
 --     kill (several intervals: timers run late on a loaded 2-core box).
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
-local socket = require "socket"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
+local socket = require("socket")
 
 local WORKERS = 4
 local INTERVAL = 0.2
@@ -79,102 +79,130 @@ end
 
 -- Requests logged: in total, and per pid at or after a time.
 local function logged(srv)
-  local text = H.read_file(srv.prefix .. "/logs/counted.log") or ""
-  local lines = {}
-  for pid, msec in text:gmatch("(%d+) ([%d%.]+)\n") do
-    lines[#lines + 1] = { pid = pid, t = tonumber(msec) }
-  end
-  return lines
+    local text = H.read_file(srv.prefix .. "/logs/counted.log") or ""
+    local lines = {}
+    for pid, msec in text:gmatch("(%d+) ([%d%.]+)\n") do
+        lines[#lines + 1] = { pid = pid, t = tonumber(msec) }
+    end
+    return lines
 end
 
 local function get(srv, dict, key)
-  local status, body = srv:get("/get?d=" .. dict .. "&key=" .. key)
-  assert.equal(200, status, body)
-  return tonumber(body)
+    local status, body = srv:get("/get?d=" .. dict .. "&key=" .. key)
+    assert.equal(200, status, body)
+    return tonumber(body)
 end
 
 describe("#integration kill -9 with the shared stage", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-      srv = nil
-    end
-  end)
-
-  it("never counts twice and loses at most what killed workers buffered",
-     function()
-    srv = nginx.start{ workers = WORKERS, http = HTTP, server = SERVER }
-    local script = os.tmpname()
-    H.write_file(script, WRK_SCRIPT)
-    local out = os.tmpname()
-    os.execute(("wrk -t2 -c16 -d%ds --timeout 5s -s %s %s/hit > %s 2>&1 &")
-               :format(SECONDS, script, srv.url, out))
-    local kills, killed_lease = {}, 0
-    local over = {}
-    local start = socket.gettime()
-    for i = 1, KILLS do
-      -- Reads while the load runs: the dict never exceeds what was served.
-      local until_t = start + i * (SECONDS - 1) / (KILLS + 1)
-      repeat
-        local v = get(srv, "counters", "hits")
-        local n = #logged(srv)
-        if v > n then
-          over[#over + 1] = v .. " > " .. n
+    after_each(function()
+        if srv then
+            srv:stop()
+            srv = nil
         end
-        socket.sleep(0.1)
-      until socket.gettime() >= until_t
-      local pids = srv:worker_pids()
-      local victim
-      if i % 2 == 1 then
-        victim = get(srv, "meta", "lease")
-        if victim == 0 then
-          victim = nil
-        else
-          killed_lease = killed_lease + 1
-        end
-      end
-      victim = victim or pids[math.random(#pids)]
-      kills[#kills + 1] = { pid = tostring(victim), t = socket.gettime() }
-      os.execute("kill -9 " .. victim)
-    end
-    H.poll(SECONDS + 10, function()
-      return (H.read_file(out) or ""):find("requests in", 1, true)
     end)
-    os.remove(script)
-    assert.is_true(killed_lease >= 1, "the lease holder was never killed")
 
-    -- Quiescence: the dict stops changing.
-    local last, v = -1, nil
-    H.poll(20, function()
-      socket.sleep(4 * INTERVAL)
-      v = get(srv, "counters", "hits")
-      local still = v == last
-      last = v
-      return still
-    end)
-    local lines = logged(srv)
-    assert.same({}, over, "the dict exceeded what was served")
-    assert.is_true(v <= #lines, v .. " > " .. #lines)
-    local buffered = 0
-    for _, k in ipairs(kills) do
-      for _, l in ipairs(lines) do
-        if l.pid == k.pid and l.t >= k.t - BUFFERED then
-          buffered = buffered + 1
+    it(
+        "never counts twice and loses at most what killed workers buffered",
+        function()
+            srv =
+                nginx.start({ workers = WORKERS, http = HTTP, server = SERVER })
+            local script = os.tmpname()
+            H.write_file(script, WRK_SCRIPT)
+            local out = os.tmpname()
+            os.execute(
+                ("wrk -t2 -c16 -d%ds --timeout 5s -s %s %s/hit > %s 2>&1 &"):format(
+                    SECONDS,
+                    script,
+                    srv.url,
+                    out
+                )
+            )
+            local kills, killed_lease = {}, 0
+            local over = {}
+            local start = socket.gettime()
+            for i = 1, KILLS do
+                -- Reads while the load runs: the dict never exceeds what was served.
+                local until_t = start + i * (SECONDS - 1) / (KILLS + 1)
+                repeat
+                    local v = get(srv, "counters", "hits")
+                    local n = #logged(srv)
+                    if v > n then
+                        over[#over + 1] = v .. " > " .. n
+                    end
+                    socket.sleep(0.1)
+                until socket.gettime() >= until_t
+                local pids = srv:worker_pids()
+                local victim
+                if i % 2 == 1 then
+                    victim = get(srv, "meta", "lease")
+                    if victim == 0 then
+                        victim = nil
+                    else
+                        killed_lease = killed_lease + 1
+                    end
+                end
+                victim = victim or pids[math.random(#pids)]
+                kills[#kills + 1] =
+                    { pid = tostring(victim), t = socket.gettime() }
+                os.execute("kill -9 " .. victim)
+            end
+            H.poll(SECONDS + 10, function()
+                return (H.read_file(out) or ""):find("requests in", 1, true)
+            end)
+            os.remove(script)
+            assert.is_true(
+                killed_lease >= 1,
+                "the lease holder was never killed"
+            )
+
+            -- Quiescence: the dict stops changing.
+            local last, v = -1, nil
+            H.poll(20, function()
+                socket.sleep(4 * INTERVAL)
+                v = get(srv, "counters", "hits")
+                local still = v == last
+                last = v
+                return still
+            end)
+            local lines = logged(srv)
+            assert.same({}, over, "the dict exceeded what was served")
+            assert.is_true(v <= #lines, v .. " > " .. #lines)
+            local buffered = 0
+            for _, k in ipairs(kills) do
+                for _, l in ipairs(lines) do
+                    if l.pid == k.pid and l.t >= k.t - BUFFERED then
+                        buffered = buffered + 1
+                    end
+                end
+            end
+            local lost_in_flight = get(srv, "meta", "lost")
+            local loss = #lines - v
+            if os.getenv("VERBOSE") then
+                print(
+                    (
+                        "served %d, counted %d, loss %d, bound %d buffered + %d in "
+                        .. "flight"
+                    ):format(
+                        #lines,
+                        v,
+                        loss,
+                        buffered,
+                        lost_in_flight
+                    )
+                )
+            end
+            assert.is_true(#lines > 1000, "too few requests: " .. #lines)
+            assert.is_true(
+                loss <= buffered + lost_in_flight,
+                ("loss %d > %d buffered + %d in flight"):format(
+                    loss,
+                    buffered,
+                    lost_in_flight
+                )
+            )
+            os.remove(out)
         end
-      end
-    end
-    local lost_in_flight = get(srv, "meta", "lost")
-    local loss = #lines - v
-    if os.getenv("VERBOSE") then
-      print(("served %d, counted %d, loss %d, bound %d buffered + %d in "
-             .. "flight"):format(#lines, v, loss, buffered, lost_in_flight))
-    end
-    assert.is_true(#lines > 1000, "too few requests: " .. #lines)
-    assert.is_true(loss <= buffered + lost_in_flight,
-                   ("loss %d > %d buffered + %d in flight"):format(
-                     loss, buffered, lost_in_flight))
-    os.remove(out)
-  end)
+    )
 end)

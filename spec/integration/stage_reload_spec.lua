@@ -3,8 +3,8 @@
 -- folded by them as they exit (their counter's exit sync folds the whole
 -- stage), into the exact sums; the new workers join the same block.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local N = 200
 
@@ -44,50 +44,50 @@ local SERVER = [[
 ]]
 
 describe("the shared stage across nginx -s reload", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-      srv = nil
-    end
-  end)
-
-  it("keeps its block and what the old workers published", function()
-    srv = nginx.start{ workers = 2, http = HTTP, server = SERVER }
-    local offsets, old_pids, sent = {}, {}, 0
-    for i = 1, N do
-      local delta = i % 5 + 1
-      local status, body = srv:get("/stage?key=k&delta=" .. delta)
-      assert.equal(200, status, body)
-      local pid, offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
-      assert.equal("0", rc, body)
-      offsets[offset], old_pids[pid] = true, true
-      sent = sent + delta
-    end
-    local _, first = next(offsets)
-    assert.is_true(first)
-    local offset = next(offsets)
-    assert.is_nil(next(offsets, offset), "one stage for every worker")
-
-    -- The old workers exit: each folds the whole stage as it goes, so
-    -- everything they published is in the dict once they are gone.
-    srv:reload()
-    local status, body
-    H.poll(10, function()
-      status, body = srv:get("/get?key=k")
-      return tonumber(body) == sent
+    after_each(function()
+        if srv then
+            srv:stop()
+            srv = nil
+        end
     end)
-    assert.equal(sent, tonumber(body), "folded by the exiting workers")
-    status, body = srv:get("/stage?fold=1")
-    assert.equal(200, status, body)
-    local pid, new_offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
-    assert.is_nil(old_pids[pid], "answered by a new worker")
-    assert.equal(offset, new_offset, "the same block after the reload")
-    assert.equal(0, tonumber(rc), "nothing left to fold: " .. body)
-    status, body = srv:get("/get?key=k")
-    assert.equal(200, status)
-    assert.equal(sent, tonumber(body))
-    assert.same({}, H.crash_lines(srv:error_log()))
-  end)
+
+    it("keeps its block and what the old workers published", function()
+        srv = nginx.start({ workers = 2, http = HTTP, server = SERVER })
+        local offsets, old_pids, sent = {}, {}, 0
+        for i = 1, N do
+            local delta = i % 5 + 1
+            local status, body = srv:get("/stage?key=k&delta=" .. delta)
+            assert.equal(200, status, body)
+            local pid, offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
+            assert.equal("0", rc, body)
+            offsets[offset], old_pids[pid] = true, true
+            sent = sent + delta
+        end
+        local _, first = next(offsets)
+        assert.is_true(first)
+        local offset = next(offsets)
+        assert.is_nil(next(offsets, offset), "one stage for every worker")
+
+        -- The old workers exit: each folds the whole stage as it goes, so
+        -- everything they published is in the dict once they are gone.
+        srv:reload()
+        local status, body
+        H.poll(10, function()
+            status, body = srv:get("/get?key=k")
+            return tonumber(body) == sent
+        end)
+        assert.equal(sent, tonumber(body), "folded by the exiting workers")
+        status, body = srv:get("/stage?fold=1")
+        assert.equal(200, status, body)
+        local pid, new_offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
+        assert.is_nil(old_pids[pid], "answered by a new worker")
+        assert.equal(offset, new_offset, "the same block after the reload")
+        assert.equal(0, tonumber(rc), "nothing left to fold: " .. body)
+        status, body = srv:get("/get?key=k")
+        assert.equal(200, status)
+        assert.equal(sent, tonumber(body))
+        assert.same({}, H.crash_lines(srv:error_log()))
+    end)
 end)

@@ -17,8 +17,8 @@
 --   * a dict too small for a stage falls back, with one WARN per worker,
 --     and counts exactly.
 
-local nginx = require "spec.support.nginx"
-local H = require "spec.integration.helpers"
+local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local WORKERS = 4
 local INTERVAL = 0.1
@@ -27,12 +27,11 @@ local INTERVAL = 0.1
 -- rounds (a timer), and copies its stats into the `meta` dict under
 -- "<field>:<pid>" each interval.
 local function bump_http(dict_size, k, rounds, opts)
-  return [[
+    return [[
   lua_shared_dict counters ]] .. dict_size .. [[;
   lua_shared_dict meta 1m;
   init_worker_by_lua_block {
-    local c = require("resty.counter").new("counters", ]] .. INTERVAL
-      .. [[, nil, ]] .. opts .. [[)
+    local c = require("resty.counter").new("counters", ]] .. INTERVAL .. [[, nil, ]] .. opts .. [[)
     local meta = ngx.shared.meta
     local rounds, pid = 0, ngx.worker.pid()
     ngx.timer.every(]] .. INTERVAL .. [[, function(premature)
@@ -67,155 +66,194 @@ local DUMP = [[
 
 -- { field = { pid = value } } from the meta dict.
 local function meta(srv)
-  local status, body = srv:get("/dump?d=meta")
-  assert.equal(200, status, body)
-  local t = {}
-  for k, v in pairs(H.parse_dump(body)) do
-    local field, pid = k:match("^(%a+):(%d+)$")
-    if field then
-      t[field] = t[field] or {}
-      t[field][pid] = v
-    else
-      t[k] = v
+    local status, body = srv:get("/dump?d=meta")
+    assert.equal(200, status, body)
+    local t = {}
+    for k, v in pairs(H.parse_dump(body)) do
+        local field, pid = k:match("^(%a+):(%d+)$")
+        if field then
+            t[field] = t[field] or {}
+            t[field][pid] = v
+        else
+            t[k] = v
+        end
     end
-  end
-  return t
+    return t
 end
 
 local function sum(t)
-  local n = 0
-  for _, v in pairs(t or {}) do
-    n = n + v
-  end
-  return n
+    local n = 0
+    for _, v in pairs(t or {}) do
+        n = n + v
+    end
+    return n
 end
 
 local function count(t)
-  local n = 0
-  for _ in pairs(t or {}) do
-    n = n + 1
-  end
-  return n
+    local n = 0
+    for _ in pairs(t or {}) do
+        n = n + 1
+    end
+    return n
 end
 
 -- Waits until every worker did all its rounds and every key holds
 -- workers * rounds; returns the keys that do not.
 local function exact(srv, workers, k, rounds)
-  local wrong
-  H.poll(20, function()
-    if (meta(srv).bumps or 0) < workers * rounds then
-      return false
-    end
-    local status, body = srv:get("/dump?d=counters")
-    assert.equal(200, status)
-    local got = H.parse_dump(body)
-    wrong = {}
-    for i = 1, k do
-      if got["k" .. i] ~= workers * rounds then
-        wrong[#wrong + 1] = "k" .. i .. "=" .. tostring(got["k" .. i])
-      end
-    end
-    return #wrong == 0
-  end)
-  return wrong
+    local wrong
+    H.poll(20, function()
+        if (meta(srv).bumps or 0) < workers * rounds then
+            return false
+        end
+        local status, body = srv:get("/dump?d=counters")
+        assert.equal(200, status)
+        local got = H.parse_dump(body)
+        wrong = {}
+        for i = 1, k do
+            if got["k" .. i] ~= workers * rounds then
+                wrong[#wrong + 1] = "k" .. i .. "=" .. tostring(got["k" .. i])
+            end
+        end
+        return #wrong == 0
+    end)
+    return wrong
 end
 
 describe("#integration the shared stage in the sync", function()
-  local srv
+    local srv
 
-  after_each(function()
-    if srv then
-      srv:stop()
-      srv = nil
-    end
-  end)
-
-  it("4 workers sharing K keys: exact counts, about K dict writes per "
-     .. "interval", function()
-    local K, ROUNDS, WINDOW = 2000, 100, 6
-    srv = nginx.start{ workers = WORKERS, server = DUMP,
-                       http = bump_http("16m", K, ROUNDS, "nil") }
-    -- Past the start (every worker attached, the lease taken), then a
-    -- window of WINDOW seconds of steady load.
-    H.poll(10, function()
-      return count(meta(srv).kf) == WORKERS
+    after_each(function()
+        if srv then
+            srv:stop()
+            srv = nil
+        end
     end)
-    H.sleep(1)
-    local m1 = meta(srv)
-    H.sleep(WINDOW)
-    local m2 = meta(srv)
-    assert.is_true((m2.bumps or 0) < WORKERS * ROUNDS, "window under load")
-    local writes = sum(m2.kf) - sum(m1.kf)
-    local per_interval = writes / (WINDOW / INTERVAL)
-    assert.is_true(per_interval <= 1.05 * K,
-                   ("%.0f dict writes per interval for %d keys"):format(
-                     per_interval, K))
-    assert.is_true(per_interval >= 0.5 * K, "the fold writes: "
-                   .. per_interval)
-    assert.equal(WORKERS, sum(m2.stage), "every worker uses the stage")
-    assert.is_true(sum(m2.published) > 0)
-    assert.equal(0, sum(m2.fallback))
-    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
-    assert.same({}, H.crash_lines(srv:error_log()))
-  end)
 
-  it("{ stage = false } writes directly: about workers x K writes",
-     function()
-    local K, ROUNDS = 500, 30
-    srv = nginx.start{ workers = WORKERS, server = DUMP,
-                       http = bump_http("4m", K, ROUNDS, "{ stage = false }") }
-    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
-    local m = meta(srv)
-    assert.equal(0, sum(m.stage))
-    assert.equal(0, sum(m.published))
-    -- Every worker wrote every key of every round (fewer only when one
-    -- sync took two rounds' increments at once).
-    assert.is_true(sum(m.kf) > 1.5 * K * ROUNDS, "direct writes "
-                   .. sum(m.kf))
-  end)
+    it(
+        "4 workers sharing K keys: exact counts, about K dict writes per "
+            .. "interval",
+        function()
+            local K, ROUNDS, WINDOW = 2000, 100, 6
+            srv = nginx.start({
+                workers = WORKERS,
+                server = DUMP,
+                http = bump_http("16m", K, ROUNDS, "nil"),
+            })
+            -- Past the start (every worker attached, the lease taken), then a
+            -- window of WINDOW seconds of steady load.
+            H.poll(10, function()
+                return count(meta(srv).kf) == WORKERS
+            end)
+            H.sleep(1)
+            local m1 = meta(srv)
+            H.sleep(WINDOW)
+            local m2 = meta(srv)
+            assert.is_true(
+                (m2.bumps or 0) < WORKERS * ROUNDS,
+                "window under load"
+            )
+            local writes = sum(m2.kf) - sum(m1.kf)
+            local per_interval = writes / (WINDOW / INTERVAL)
+            assert.is_true(
+                per_interval <= 1.05 * K,
+                ("%.0f dict writes per interval for %d keys"):format(
+                    per_interval,
+                    K
+                )
+            )
+            assert.is_true(
+                per_interval >= 0.5 * K,
+                "the fold writes: " .. per_interval
+            )
+            assert.equal(WORKERS, sum(m2.stage), "every worker uses the stage")
+            assert.is_true(sum(m2.published) > 0)
+            assert.equal(0, sum(m2.fallback))
+            assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+            assert.same({}, H.crash_lines(srv:error_log()))
+        end
+    )
 
-  it("a stage too small for the keys: the overflow is written directly, "
-     .. "exact counts", function()
-    local K, ROUNDS = 1500, 20
-    srv = nginx.start{ workers = WORKERS, server = DUMP,
-                       http = bump_http("8m", K, ROUNDS,
-                                        "{ stage_bytes = 65536 }") }
-    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
-    local m = meta(srv)
-    assert.equal(WORKERS, sum(m.stage))
-    assert.is_true(sum(m.published) > 0, "some keys staged")
-    assert.is_true(sum(m.fallback) > 0, "some keys written directly")
-  end)
+    it("{ stage = false } writes directly: about workers x K writes", function()
+        local K, ROUNDS = 500, 30
+        srv = nginx.start({
+            workers = WORKERS,
+            server = DUMP,
+            http = bump_http("4m", K, ROUNDS, "{ stage = false }"),
+        })
+        assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+        local m = meta(srv)
+        assert.equal(0, sum(m.stage))
+        assert.equal(0, sum(m.published))
+        -- Every worker wrote every key of every round (fewer only when one
+        -- sync took two rounds' increments at once).
+        assert.is_true(
+            sum(m.kf) > 1.5 * K * ROUNDS,
+            "direct writes " .. sum(m.kf)
+        )
+    end)
 
-  it("1 worker writes directly", function()
-    local K, ROUNDS = 500, 20
-    srv = nginx.start{ workers = 1, server = DUMP,
-                       http = bump_http("4m", K, ROUNDS, "nil") }
-    assert.same({}, exact(srv, 1, K, ROUNDS))
-    local m = meta(srv)
-    assert.equal(0, sum(m.stage))
-    assert.equal(0, sum(m.published))
-    assert.is_nil(srv:error_log():find("no shared stage", 1, true))
-  end)
+    it(
+        "a stage too small for the keys: the overflow is written directly, "
+            .. "exact counts",
+        function()
+            local K, ROUNDS = 1500, 20
+            srv = nginx.start({
+                workers = WORKERS,
+                server = DUMP,
+                http = bump_http("8m", K, ROUNDS, "{ stage_bytes = 65536 }"),
+            })
+            assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+            local m = meta(srv)
+            assert.equal(WORKERS, sum(m.stage))
+            assert.is_true(sum(m.published) > 0, "some keys staged")
+            assert.is_true(sum(m.fallback) > 0, "some keys written directly")
+        end
+    )
 
-  it("a dict too small for a stage: one WARN per worker, exact counts",
-     function()
-    local K, ROUNDS = 500, 20
-    srv = nginx.start{ workers = WORKERS, server = DUMP,
-                       http = bump_http("300k", K, ROUNDS, "nil") }
-    assert.same({}, exact(srv, WORKERS, K, ROUNDS))
-    local m = meta(srv)
-    assert.equal(0, sum(m.stage))
-    local warns = 0
-    for line in srv:error_log():gmatch("[^\n]+") do
-      if line:find("no shared stage in shared dict \"counters\"", 1, true)
-      then
-        assert.truthy(line:find("[warn]", 1, true), line)
-        warns = warns + 1
-      end
-    end
-    assert.is_true(warns >= 1 and warns <= WORKERS,
-                   warns .. " WARN lines")
-    assert.same({}, H.crash_lines(srv:error_log()))
-  end)
+    it("1 worker writes directly", function()
+        local K, ROUNDS = 500, 20
+        srv = nginx.start({
+            workers = 1,
+            server = DUMP,
+            http = bump_http("4m", K, ROUNDS, "nil"),
+        })
+        assert.same({}, exact(srv, 1, K, ROUNDS))
+        local m = meta(srv)
+        assert.equal(0, sum(m.stage))
+        assert.equal(0, sum(m.published))
+        assert.is_nil(srv:error_log():find("no shared stage", 1, true))
+    end)
+
+    it(
+        "a dict too small for a stage: one WARN per worker, exact counts",
+        function()
+            local K, ROUNDS = 500, 20
+            srv = nginx.start({
+                workers = WORKERS,
+                server = DUMP,
+                http = bump_http("300k", K, ROUNDS, "nil"),
+            })
+            assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+            local m = meta(srv)
+            assert.equal(0, sum(m.stage))
+            local warns = 0
+            for line in srv:error_log():gmatch("[^\n]+") do
+                if
+                    line:find(
+                        'no shared stage in shared dict "counters"',
+                        1,
+                        true
+                    )
+                then
+                    assert.truthy(line:find("[warn]", 1, true), line)
+                    warns = warns + 1
+                end
+            end
+            assert.is_true(
+                warns >= 1 and warns <= WORKERS,
+                warns .. " WARN lines"
+            )
+            assert.same({}, H.crash_lines(srv:error_log()))
+        end
+    )
 end)

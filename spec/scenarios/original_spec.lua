@@ -3,7 +3,7 @@
 -- (lua_package_path <repo>/lua, lua_package_cpath <repo>/target/release).
 -- Each scenario runs many times, so that every worker serves some of them.
 
-local nginx = require "spec.support.nginx"
+local nginx = require("spec.support.nginx")
 
 local WORKERS = 4
 local RUNS = 12
@@ -84,14 +84,14 @@ describe("the original's scenarios, 4 workers #integration", function()
     local srv
 
     setup(function()
-        srv = nginx.start {
+        srv = nginx.start({
             workers = WORKERS,
             http = [[
                 lua_shared_dict auto 1m;
                 lua_shared_dict manual 1m;
             ]],
             server = SERVER,
-        }
+        })
     end)
 
     teardown(function()
@@ -122,13 +122,14 @@ describe("the original's scenarios, 4 workers #integration", function()
         run_all("/s4", "1\n")
     end)
 
-    it("a manual counter reads nil, then sync() is true, then reads 1",
-       function()
-        run_all("/s5", "nil true 1\n")
-    end)
+    it(
+        "a manual counter reads nil, then sync() is true, then reads 1",
+        function()
+            run_all("/s5", "nil true 1\n")
+        end
+    )
 
-    it("served those from several workers, with a clean error log",
-       function()
+    it("served those from several workers, with a clean error log", function()
         local pids = {}
         for _ = 1, 40 do
             local _, body = srv:get("/pid")
@@ -151,7 +152,7 @@ describe("a missing native library #integration", function()
     end)
 
     it("is an error from new() that names every path tried", function()
-        local srv = nginx.start {
+        local srv = nginx.start({
             workers = 1,
             http = [[ lua_shared_dict d 1m; ]],
             server = [[
@@ -167,11 +168,14 @@ describe("a missing native library #integration", function()
                     }
                 }
             ]],
-        }
+        })
         local status, body = srv:get("/t")
         assert.equal(200, status)
-        assert.matches("^false .*: resty.counter: cannot find "
-                       .. "libresty_counter.so in package.cpath; tried:", body)
+        assert.matches(
+            "^false .*: resty.counter: cannot find "
+                .. "libresty_counter.so in package.cpath; tried:",
+            body
+        )
         assert.matches("/nonexistent/a/libresty_counter.so", body, 1, true)
         assert.matches("/nonexistent/b/libresty_counter.so", body, 1, true)
     end)

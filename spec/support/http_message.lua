@@ -6,25 +6,25 @@ local _M = {}
 
 -- A GET request for 127.0.0.1, with optional extra headers.
 function _M.request(path, headers)
-  local lines = { "GET " .. path .. " HTTP/1.0", "Host: 127.0.0.1" }
-  for name, value in pairs(headers or {}) do
-    lines[#lines + 1] = name .. ": " .. value
-  end
-  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+    local lines = { "GET " .. path .. " HTTP/1.0", "Host: 127.0.0.1" }
+    for name, value in pairs(headers or {}) do
+        lines[#lines + 1] = name .. ": " .. value
+    end
+    return table.concat(lines, "\r\n") .. "\r\n\r\n"
 end
 
 -- status (number), body, headers (lower-case names); or nil, err.
 function _M.parse(raw)
-  local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
-  local status = tonumber(head and head:match("^HTTP/%d%.%d (%d%d%d)"))
-  if not status then
-    return nil, "malformed response: " .. raw:sub(1, 200)
-  end
-  local headers = {}
-  for name, value in head:gmatch("\r\n([^:\r\n]+):[ \t]*([^\r\n]*)") do
-    headers[name:lower()] = value
-  end
-  return status, body, headers
+    local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
+    local status = tonumber(head and head:match("^HTTP/%d%.%d (%d%d%d)"))
+    if not status then
+        return nil, "malformed response: " .. raw:sub(1, 200)
+    end
+    local headers = {}
+    for name, value in head:gmatch("\r\n([^:\r\n]+):[ \t]*([^\r\n]*)") do
+        headers[name:lower()] = value
+    end
+    return status, body, headers
 end
 
 return _M

@@ -10,15 +10,30 @@
 --   stage.info(h)                            -- table of named fields
 -- luacheck: globals ngx
 local ngx = ngx
-local ffi = require "ffi"
-local counter = require "resty.counter"
+local ffi = require("ffi")
+local counter = require("resty.counter")
 
 local _M = {}
 
 local INFO = {
-  "offset", "anchor", "slots", "key_bytes", "created", "lease_owner",
-  "published", "folded", "full", "too_long", "reclaimed", "lost_events",
-  "lost_amount", "fill", "fold_rounds", "takeovers", "my_folded", "pid",
+    "offset",
+    "anchor",
+    "slots",
+    "key_bytes",
+    "created",
+    "lease_owner",
+    "published",
+    "folded",
+    "full",
+    "too_long",
+    "reclaimed",
+    "lost_events",
+    "lost_amount",
+    "fill",
+    "fold_rounds",
+    "takeovers",
+    "my_folded",
+    "pid",
 }
 
 local lib
@@ -31,65 +46,82 @@ local info_out = ffi.new("double[?]", #INFO)
 -- The library; `dict_name` (default "counters") names any shared dict of
 -- this nginx, for the new() that loads it and declares the shim's cdef.
 function _M.lib(dict_name)
-  if not lib then
-    assert(counter.new(dict_name or "counters"))
-    local path = assert(package.searchpath("libresty_counter", package.cpath))
-    lib = ffi.load(path)
-  end
-  return lib
+    if not lib then
+        assert(counter.new(dict_name or "counters"))
+        local path =
+            assert(package.searchpath("libresty_counter", package.cpath))
+        lib = ffi.load(path)
+    end
+    return lib
 end
 
 function _M.strerror(code)
-  return ffi.string(_M.lib().resty_counter_stage_strerror(code))
+    return ffi.string(_M.lib().resty_counter_stage_strerror(code))
 end
 
 -- Attaches under `name` the dict `dict_name` (they differ only to test the
 -- zone-name check); cached per name.
 function _M.attach(dict_name, name)
-  name = name or dict_name
-  local key = dict_name .. "\0" .. name
-  if handles[key] then
-    return handles[key]
-  end
-  local l = _M.lib(dict_name)
-  local sub = ngx.config.subsystem or "http"
-  local h = l.resty_counter_stage_attach(sub, #sub, ngx.shared[dict_name][1],
-                                         name, #name, 0, err_out)
-  if h == nil then
-    return nil, err_out[0], _M.strerror(err_out[0])
-  end
-  h = ffi.gc(h, function(p) l.resty_counter_stage_free(p) end)
-  local f = assert(l.resty_counter_flusher_new(sub, #sub,
-                                               ngx.shared[dict_name][1], 0, 0,
-                                               err_out))
-  flushers[h] = ffi.gc(f, function(p) l.resty_counter_flusher_free(p) end)
-  handles[key] = h
-  return h
+    name = name or dict_name
+    local key = dict_name .. "\0" .. name
+    if handles[key] then
+        return handles[key]
+    end
+    local l = _M.lib(dict_name)
+    local sub = ngx.config.subsystem or "http"
+    local h = l.resty_counter_stage_attach(
+        sub,
+        #sub,
+        ngx.shared[dict_name][1],
+        name,
+        #name,
+        0,
+        err_out
+    )
+    if h == nil then
+        return nil, err_out[0], _M.strerror(err_out[0])
+    end
+    h = ffi.gc(h, function(p)
+        l.resty_counter_stage_free(p)
+    end)
+    local f = assert(
+        l.resty_counter_flusher_new(
+            sub,
+            #sub,
+            ngx.shared[dict_name][1],
+            err_out
+        )
+    )
+    flushers[h] = ffi.gc(f, function(p)
+        l.resty_counter_flusher_free(p)
+    end)
+    handles[key] = h
+    return h
 end
 
 function _M.publish(h, key, delta)
-  return _M.lib().resty_counter_stage_publish(h, key, #key, delta)
+    return _M.lib().resty_counter_stage_publish(h, key, #key, delta)
 end
 
 -- One whole round (the manual sync's fold): folds even when another
 -- worker holds the lease.
 function _M.fold(h, lease_ms)
-  local rc = _M.lib().resty_counter_stage_fold(h, flushers[h], 1,
-                                               lease_ms or 200, 0, fold_out)
-  if rc < 0 then
-    return rc
-  end
-  return tonumber(fold_out[0])
+    local rc = _M.lib()
+        .resty_counter_stage_fold(h, flushers[h], 1, lease_ms or 200, 0, fold_out)
+    if rc < 0 then
+        return rc
+    end
+    return tonumber(fold_out[0])
 end
 
 function _M.info(h)
-  local n = _M.lib().resty_counter_stage_info(h, info_out, #INFO)
-  assert(n == #INFO, "stage_info wrote " .. tostring(n))
-  local t = {}
-  for i, name in ipairs(INFO) do
-    t[name] = tonumber(info_out[i - 1])
-  end
-  return t
+    local n = _M.lib().resty_counter_stage_info(h, info_out, #INFO)
+    assert(n == #INFO, "stage_info wrote " .. tostring(n))
+    local t = {}
+    for i, name in ipairs(INFO) do
+        t[name] = tonumber(info_out[i - 1])
+    end
+    return t
 end
 
 return _M

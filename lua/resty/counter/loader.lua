@@ -7,11 +7,11 @@
 -- shim's release, so a shim and a library of two releases never run
 -- together (a reload that finds a new library, or an old one, says so).
 
-local ffi = require "ffi"
+local ffi = require("ffi")
 
 local _M = {}
 
-local HEADER_BYTES = 64     -- the ELF64 header; ELF32 needs 52
+local HEADER_BYTES = 64 -- the ELF64 header; ELF32 needs 52
 
 -- An unsigned integer of `n` bytes at 1-based `at` in `s`.
 local function uint(s, at, n, le)
@@ -51,15 +51,15 @@ function _M.check_elf(path)
         f:close()
         return nil, "ELF header cut short (" .. size .. " bytes)"
     end
-    if uint(h, 17, 2, le) ~= 3 then  -- e_type ET_DYN
+    if uint(h, 17, 2, le) ~= 3 then -- e_type ET_DYN
         f:close()
-        return nil, "not a shared object (ELF type " .. uint(h, 17, 2, le)
-                    .. ")"
+        return nil,
+            "not a shared object (ELF type " .. uint(h, 17, 2, le) .. ")"
     end
     local w = is64 and 8 or 4
     local phoff = uint(h, 25 + w, w, le)
     local shoff = uint(h, 25 + 2 * w, w, le)
-    local at = 25 + 3 * w + 4 + 2          -- e_flags, e_ehsize
+    local at = 25 + 3 * w + 4 + 2 -- e_flags, e_ehsize
     local phentsize, phnum = uint(h, at, 2, le), uint(h, at + 2, 2, le)
     local shentsize, shnum = uint(h, at + 4, 2, le), uint(h, at + 6, 2, le)
     if phoff + phnum * phentsize > size then
@@ -79,14 +79,20 @@ function _M.check_elf(path)
     for i = 0, phnum - 1 do
         local base = i * phentsize + 1
         local off, filesz
-        if is64 then    -- p_type p_flags p_offset p_vaddr p_paddr p_filesz
+        if is64 then -- p_type p_flags p_offset p_vaddr p_paddr p_filesz
             off, filesz = uint(ph, base + 8, 8, le), uint(ph, base + 32, 8, le)
-        else            -- p_type p_offset p_vaddr p_paddr p_filesz
+        else -- p_type p_offset p_vaddr p_paddr p_filesz
             off, filesz = uint(ph, base + 4, 4, le), uint(ph, base + 16, 4, le)
         end
         if off + filesz > size then
-            return nil, "segment " .. i .. " ends at byte " .. off + filesz
-                        .. ", past the file's " .. size .. " bytes"
+            return nil,
+                "segment "
+                    .. i
+                    .. " ends at byte "
+                    .. off + filesz
+                    .. ", past the file's "
+                    .. size
+                    .. " bytes"
         end
     end
     return true
@@ -103,15 +109,23 @@ local function try(path, want)
     f:close()
     local whole, damage = _M.check_elf(path)
     if not whole then
-        return nil, { fatal = "resty.counter: truncated or damaged library "
-                      .. path .. ": " .. damage .. "; reinstall it (copy to"
-                      .. " a temporary name, then rename) and restart nginx" }
+        return nil,
+            {
+                fatal = "resty.counter: truncated or damaged library "
+                    .. path
+                    .. ": "
+                    .. damage
+                    .. "; reinstall it (copy to"
+                    .. " a temporary name, then rename) and restart nginx",
+            }
     end
     local ok, l = pcall(ffi.load, path)
     if not ok then
         return nil, tostring(l)
     end
-    local has, abi = pcall(function() return l.resty_counter_abi_version() end)
+    local has, abi = pcall(function()
+        return l.resty_counter_abi_version()
+    end)
     if not has then
         return nil, "not resty.counter's library"
     end
@@ -121,11 +135,23 @@ local function try(path, want)
     end)
     local version = hv and v or "older than 0.3.0"
     if abi ~= want.abi or version ~= want.version then
-        return nil, { fatal = "resty.counter: " .. path .. " is version "
-                      .. version .. " (ABI " .. abi .. "), but the shim "
-                      .. want.shim .. " is version " .. want.version
-                      .. " (ABI " .. want.abi .. "): install the shim and"
-                      .. " the library of one release, then restart nginx" }
+        return nil,
+            {
+                fatal = "resty.counter: "
+                    .. path
+                    .. " is version "
+                    .. version
+                    .. " (ABI "
+                    .. abi
+                    .. "), but the shim "
+                    .. want.shim
+                    .. " is version "
+                    .. want.version
+                    .. " (ABI "
+                    .. want.abi
+                    .. "): install the shim and"
+                    .. " the library of one release, then restart nginx",
+            }
     end
     return l
 end
@@ -149,9 +175,12 @@ function _M.load(cpath, want)
             tried[#tried + 1] = why and path .. " (" .. why .. ")" or path
         end
     end
-    return nil, "resty.counter: cannot find " .. want.name .. ".so in "
-                .. "package.cpath; tried:\n    "
-                .. table.concat(tried, "\n    ")
+    return nil,
+        "resty.counter: cannot find "
+            .. want.name
+            .. ".so in "
+            .. "package.cpath; tried:\n    "
+            .. table.concat(tried, "\n    ")
 end
 
 return _M
