@@ -21,7 +21,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 5
+local ABI_VERSION = 6
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
