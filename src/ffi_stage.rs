@@ -62,6 +62,18 @@ fn attach_code(e: AttachError) -> i32 {
     }
 }
 
+/// 1 if an attach that failed with `code` may succeed later (no room in
+/// the zone yet, registry full, the dict refused the reserved key), else 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_stage_transient(code: i32) -> i32 {
+    guard(0, || {
+        let transient = code <= RC_ATTACH
+            && code > RC_BAD_STAGE
+            && ATTACH_ERRORS[(RC_ATTACH - code) as usize].is_transient();
+        i32::from(transient)
+    })
+}
+
 /// A static, NUL-terminated message for a stage code.
 #[unsafe(no_mangle)]
 pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {

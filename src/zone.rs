@@ -115,6 +115,17 @@ impl AttachError {
             AttachError::Dict => c"the dict refused the reserved key",
         }
     }
+
+    /// Whether a later attach may succeed: the zone may get room (keys
+    /// expire or are deleted, another worker's block gets published), the
+    /// registry frees entries as old workers exit, the dict may take the
+    /// reserved key. The others are facts about this nginx or this dict.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            AttachError::NoMemory | AttachError::RegistryFull | AttachError::Dict
+        )
+    }
 }
 
 /// The nginx entry points an attach uses.
@@ -352,11 +363,19 @@ impl ZoneStage {
             }
             let (p, stage) = match made {
                 Some(m) => m,
-                None => {
-                    let m = make_stage(addr, size, entries, asked_bytes)?;
-                    made = Some(m);
-                    m
-                }
+                None => match make_stage(addr, size, entries, asked_bytes) {
+                    Ok(m) => {
+                        made = Some(m);
+                        m
+                    }
+                    // Workers start together: the block that took the room
+                    // may be another worker's stage, published meanwhile.
+                    Err(AttachError::NoMemory) => match read_offset(zone, entries)? {
+                        Some(_) => continue,
+                        None => return Err(AttachError::NoMemory),
+                    },
+                    Err(e) => return Err(e),
+                },
             };
             let offset = p as usize - addr;
             match add_offset(zone, entries, offset)? {

@@ -21,7 +21,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 6
+local ABI_VERSION = 7
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -143,6 +143,7 @@ int32_t resty_counter_flusher_stats(resty_counter_flusher *h,
     resty_counter_stats *out);
 typedef struct resty_counter_stage resty_counter_stage;
 const char *resty_counter_stage_strerror(int32_t code);
+int32_t resty_counter_stage_transient(int32_t code);
 resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
     size_t subsystem_len, void *zone_udata, const unsigned char *name,
     size_t name_len, double stage_bytes, int32_t *err);
@@ -299,7 +300,13 @@ end
 -- worker's first native sync, never in the master. Off by default with one
 -- worker (writing directly is cheaper there); { stage = true/false } in
 -- new() decides instead. false: the direct path, after one WARN if the
--- stage cannot be had.
+-- stage cannot be had. An attach that may succeed later (no room in the
+-- zone yet: workers start together, and the block that took the room may
+-- be another worker's stage) is tried again at a later sync, at most once
+-- per STAGE_RETRY seconds; meanwhile this worker writes directly, and says
+-- so from the second failure on.
+local STAGE_RETRY = 1
+
 local function stage_of(self)
     local st = self.stage
     if st ~= nil then
@@ -316,6 +323,11 @@ local function stage_of(self)
         self.stage = false
         return false
     end
+    local now = ngx.now()
+    if self.stage_tried and now - self.stage_tried < STAGE_RETRY then
+        return false
+    end
+    self.stage_tried = now
     local l, sub, name = lib, ngx.config.subsystem or "http", self.name
     local h = l.resty_counter_stage_attach(
         sub,
@@ -327,16 +339,35 @@ local function stage_of(self)
         int32_out
     )
     if h == nil then
-        ngx.log(
-            ngx.WARN,
-            'resty.counter: no shared stage in shared dict "',
-            name,
-            '" (',
-            ffi.string(l.resty_counter_stage_strerror(int32_out[0])),
-            "): this worker writes its counts into the dict directly"
-        )
-        self.stage = false
+        local code = int32_out[0]
+        local again = l.resty_counter_stage_transient(code) == 1
+        -- A transient failure is logged from the second on: the first is
+        -- usually workers that started together racing for the room.
+        self.stage_fails = (self.stage_fails or 0) + 1
+        if not self.stage_warned and (not again or self.stage_fails > 1) then
+            self.stage_warned = true
+            ngx.log(
+                ngx.WARN,
+                'resty.counter: no shared stage in shared dict "',
+                name,
+                '" (',
+                ffi.string(l.resty_counter_stage_strerror(code)),
+                "): this worker writes its counts into the dict directly",
+                again and " until it can attach (tried again each sync)" or ""
+            )
+        end
+        if not again then
+            self.stage = false
+        end
         return false
+    end
+    if self.stage_warned then
+        ngx.log(
+            ngx.NOTICE,
+            'resty.counter: this worker uses the shared stage of shared dict "',
+            name,
+            '" now'
+        )
     end
     self.stage = ffi.gc(h, function(p)
         l.resty_counter_stage_free(p)

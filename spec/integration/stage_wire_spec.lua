@@ -15,7 +15,10 @@
 --     path: exact counts;
 --   * { stage = false }, and 1 worker, take the direct path;
 --   * a dict too small for a stage falls back, with one WARN per worker,
---     and counts exactly.
+--     and counts exactly;
+--   * a zone with no room for the stage at the first sync (another worker's
+--     block, or the users' keys, fill it): the workers write directly and
+--     attach at a later sync once there is room or a stage to find.
 
 local nginx = require("spec.support.nginx")
 local H = require("spec.integration.helpers")
@@ -254,6 +257,70 @@ describe("#integration the shared stage in the sync", function()
                 warns .. " WARN lines"
             )
             assert.same({}, H.crash_lines(srv:error_log()))
+        end
+    )
+
+    it(
+        "a zone with no room at the first sync: the workers attach later, "
+            .. "one WARN and one NOTICE each, exact counts",
+        function()
+            -- The master fills the zone with filler keys, so every worker's
+            -- first attach finds no room; after 10 rounds worker 0 deletes
+            -- them, and every later sync may attach. A worker logs from its
+            -- second failure on (a second apart): the first is most often
+            -- workers starting together and racing for the room.
+            local K, ROUNDS = 50, 40
+            local http = bump_http("4m", K, ROUNDS, "{ stage_bytes = 1048576 }")
+                .. [[
+  init_by_lua_block {
+    local d, filler = ngx.shared.counters, string.rep("x", 1000)
+    local i = 0
+    while true do
+      i = i + 1
+      local ok, err = d:safe_set("f" .. i, filler)
+      if not ok then
+        assert(err == "no memory", err)
+        break
+      end
+    end
+    -- room for the counters' own keys, far less than a stage
+    for j = i - 60, i do
+      d:delete("f" .. j)
+    end
+  }
+]]
+            http = http:gsub(
+                'meta:incr%("bumps", 1, 0%)',
+                [[meta:incr("bumps", 1, 0)
+        if rounds == 25 and ngx.worker.id() == 0 then
+          local d = ngx.shared.counters
+          for _, key in ipairs(d:get_keys(0)) do
+            if key:sub(1, 1) == "f" then
+              d:delete(key)
+            end
+          end
+        end]]
+            )
+            srv = nginx.start({ workers = 2, server = DUMP, http = http })
+            assert.same({}, exact(srv, 2, K, ROUNDS))
+            local m = meta(srv)
+            assert.equal(2, sum(m.stage), "every worker attached at last")
+            assert.is_true(sum(m.published) > 0, "counts went through it")
+            local log = srv:error_log()
+            local warns = H.count_matches(
+                log,
+                "(no room in the dict's zone for the stage): this worker "
+                    .. "writes its counts into the dict directly until"
+            )
+            assert.equal(2, warns, "one WARN per worker")
+            assert.equal(
+                warns,
+                H.count_matches(
+                    log,
+                    'uses the shared stage of shared dict "counters" now'
+                )
+            )
+            assert.same({}, H.crash_lines(log))
         end
     )
 end)
