@@ -41,8 +41,6 @@ const ATTACH_ERRORS: [AttachError; 10] = [
 /// A stage header that does not match (any layout error).
 pub const RC_BAD_STAGE: i32 = RC_ATTACH - ATTACH_ERRORS.len() as i32;
 
-/// Number of fields `resty_counter_stage_info` can write.
-pub const INFO_FIELDS: usize = 18;
 /// Number of fields `resty_counter_stage_fold` writes.
 pub const FOLD_FIELDS: usize = 3;
 /// Slots folded between two looks at the clock in a budgeted fold.
@@ -352,59 +350,96 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
     })
 }
 
-/// Writes up to `n` fields into `out`: offset, pool address, slots, key
-/// bytes, created (1/0), lease owner pid, published, folded, full,
-/// too_long, reclaimed, lost_events, lost_amount, fill, fold_rounds,
-/// takeovers, deltas this worker folded into the dict, this worker's pid.
-/// Returns how many.
+/// What `resty_counter_stage_info` reports, declared field by field in the
+/// shim's cdef as `resty_counter_stage_report` (`tests/abi.rs` checks they
+/// agree). Every field is a double so Lua reads a plain number.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageReport {
+    /// Offset of the stage from the zone's start.
+    pub offset: f64,
+    /// The zone's address the stage was made for (its pool).
+    pub anchor: f64,
+    /// Slots in the table.
+    pub slots: f64,
+    /// The longest key the stage takes, in bytes.
+    pub key_bytes: f64,
+    /// 1 if this worker's block won the reserved key, else 0.
+    pub created: f64,
+    /// Pid of the fold lease's holder (0: none), whatever its expiry.
+    pub lease_owner: f64,
+    /// Deltas published into the stage, by all workers.
+    pub published: f64,
+    /// Deltas folded out of the stage, by all workers.
+    pub folded: f64,
+    /// Publishes refused: no slot within the probe limit, or the sum would overflow.
+    pub full: f64,
+    /// Publishes refused: key longer than `key_bytes`.
+    pub too_long: f64,
+    /// Slots retired and freed for reuse.
+    pub reclaimed: f64,
+    /// Folders that died between a take and its write.
+    pub lost_events: f64,
+    /// What they had taken (an upper bound of the loss).
+    pub lost_amount: f64,
+    /// Slots in use.
+    pub fill: f64,
+    /// Fold rounds completed.
+    pub fold_rounds: f64,
+    /// Leases taken over from an expired holder.
+    pub takeovers: f64,
+    /// Deltas this worker folded into the dict.
+    pub my_folded: f64,
+    /// This worker's pid.
+    pub pid: f64,
+}
+
+/// Fills `*out` with the stage's figures and this worker's (see
+/// [`StageReport`]).
 ///
 /// # Safety
-/// `h` must be NULL or live; `out` must have room for `n` doubles.
+/// `h` must be NULL or live; `out` NULL or writable.
 ///
 /// # Errors
-/// `RC_NULL` or `RC_PANIC`.
+/// `RC_NULL` or `RC_PANIC`; else 0.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_stage_info(
     h: *mut StageHandle,
-    out: *mut f64,
-    n: usize,
+    out: *mut StageReport,
 ) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live; only read.
         let Some(h) = (unsafe { h.as_ref() }) else {
             return RC_NULL;
         };
-        if out.is_null() {
+        // SAFETY: out is NULL or writable, by the contract.
+        let Some(out) = (unsafe { out.as_mut() }) else {
             return RC_NULL;
-        }
+        };
         let st = h.zs.stage;
         let p = st.params();
         let s = st.stats();
-        let fields: [f64; INFO_FIELDS] = [
-            h.zs.offset as f64,
-            p.anchor as f64,
-            p.slots as f64,
-            st.max_key_len() as f64,
-            f64::from(u8::from(h.zs.created)),
-            f64::from(st.lease_owner()),
-            s.published as f64,
-            s.folded as f64,
-            s.full as f64,
-            s.too_long as f64,
-            s.reclaimed as f64,
-            s.lost_events as f64,
-            s.lost_amount,
-            s.fill as f64,
-            s.fold_rounds as f64,
-            s.takeovers as f64,
-            h.folded as f64,
-            f64::from(h.zs.worker.pid()),
-        ];
-        let n = n.min(fields.len());
-        // SAFETY: out is non-NULL with room for n doubles.
-        let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
-        out.copy_from_slice(&fields[..n]);
-        n as i32
+        *out = StageReport {
+            offset: h.zs.offset as f64,
+            anchor: p.anchor as f64,
+            slots: p.slots as f64,
+            key_bytes: st.max_key_len() as f64,
+            created: f64::from(u8::from(h.zs.created)),
+            lease_owner: f64::from(st.lease_owner()),
+            published: s.published as f64,
+            folded: s.folded as f64,
+            full: s.full as f64,
+            too_long: s.too_long as f64,
+            reclaimed: s.reclaimed as f64,
+            lost_events: s.lost_events as f64,
+            lost_amount: s.lost_amount,
+            fill: s.fill as f64,
+            fold_rounds: s.fold_rounds as f64,
+            takeovers: s.takeovers as f64,
+            my_folded: h.folded as f64,
+            pid: f64::from(h.zs.worker.pid()),
+        };
+        0
     })
 }
 
@@ -444,11 +479,9 @@ mod tests {
                 RC_NULL
             );
             assert_eq!(rc[0], 9, "nothing written");
-            let mut out = [0.0; INFO_FIELDS];
-            assert_eq!(
-                resty_counter_stage_info(ptr::null_mut(), out.as_mut_ptr(), out.len()),
-                RC_NULL
-            );
+            let mut out = StageReport::default();
+            assert_eq!(resty_counter_stage_info(ptr::null_mut(), &mut out), RC_NULL);
+            assert_eq!(out, StageReport::default(), "nothing written");
             resty_counter_stage_free(ptr::null_mut());
         }
     }

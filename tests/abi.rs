@@ -63,17 +63,18 @@ fn cdef_struct(name: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Fields of a `#[repr(C)] pub struct name` in src/ffi.rs, as (C type,
-/// field name).
+/// Fields of a `#[repr(C)] pub struct name` in src/ffi.rs or
+/// src/ffi_stage.rs, as (C type, field name).
 fn rust_struct(name: &str) -> Vec<(String, String)> {
     let head = format!(
         "#[repr(C)]\n#[derive(Debug, Clone, Copy, Default, PartialEq)]\npub struct {name} {{"
     );
-    let start = EXPORTS
-        .find(&head)
-        .unwrap_or_else(|| panic!("#[repr(C)] struct {name} in src/ffi.rs"))
-        + head.len();
-    let body = &EXPORTS[start..start + EXPORTS[start..].find('}').unwrap()];
+    let (file, at) = [EXPORTS, STAGE_EXPORTS]
+        .into_iter()
+        .find_map(|f| f.find(&head).map(|at| (f, at)))
+        .unwrap_or_else(|| panic!("#[repr(C)] struct {name} in src/ffi.rs or src/ffi_stage.rs"));
+    let start = at + head.len();
+    let body = &file[start..start + file[start..].find('}').unwrap()];
     body.lines()
         .map(str::trim)
         .filter(|l| l.starts_with("pub "))
@@ -137,6 +138,7 @@ fn rust_to_c(ty: &str) -> String {
         "*mut f64" => "double*",
         "*mut CStats" => "resty_counter_stats*",
         "*mut SyncResult" => "resty_counter_sync_result*",
+        "*mut StageReport" => "resty_counter_stage_report*",
         other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
     };
     c.to_string()
@@ -208,6 +210,17 @@ fn cdef_and_exports_agree_on_the_sync_result_struct() {
         lua,
         rust_struct("SyncResult"),
         "resty_counter_sync_result (cdef) and SyncResult (src/ffi.rs) differ"
+    );
+}
+
+#[test]
+fn cdef_and_exports_agree_on_the_stage_report_struct() {
+    let lua = cdef_struct("resty_counter_stage_report");
+    assert!(lua.len() >= 18, "parsed too few fields: {lua:?}");
+    assert_eq!(
+        lua,
+        rust_struct("StageReport"),
+        "resty_counter_stage_report (cdef) and StageReport (src/ffi_stage.rs) differ"
     );
 }
 

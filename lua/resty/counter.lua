@@ -36,7 +36,7 @@ local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED = 0 -- resty_counter_stage_publish: in the stage
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
-local FOLD_FIELDS, INFO_FIELDS = 3, 18
+local FOLD_FIELDS = 3
 local BATCH = 256 -- keys per resty_counter_stage_publish_batch
 
 local clear_tab
@@ -156,8 +156,13 @@ int32_t resty_counter_stage_publish_batch(resty_counter_stage *h,
 int32_t resty_counter_stage_fold(resty_counter_stage *h,
     resty_counter_flusher *f, int32_t whole, uint32_t lease_ms, double budget,
     double *out);
-int32_t resty_counter_stage_info(resty_counter_stage *h, double *out,
-    size_t n);
+typedef struct {
+    double offset, anchor, slots, key_bytes, created, lease_owner, published,
+           folded, full, too_long, reclaimed, lost_events, lost_amount, fill,
+           fold_rounds, takeovers, my_folded, pid;
+} resty_counter_stage_report;
+int32_t resty_counter_stage_info(resty_counter_stage *h,
+    resty_counter_stage_report *out);
 ]]
 
 -- The fields of resty_counter_stats, copied into stats() by name.
@@ -206,7 +211,7 @@ local function load_library()
     end_out = ffi.new("resty_counter_sync_result")
     value_out = ffi.new("double[1]")
     fold_out = ffi.new("double[?]", FOLD_FIELDS)
-    info_out = ffi.new("double[?]", INFO_FIELDS)
+    info_out = ffi.new("resty_counter_stage_report")
     batch_keys = ffi.new("const unsigned char *[?]", BATCH)
     batch_lens = ffi.new("size_t[?]", BATCH)
     batch_deltas = ffi.new("double[?]", BATCH)
@@ -1262,18 +1267,14 @@ function _M.stats(self)
         s.fallback_writes = self.fallback_writes
         if
             self.stage
-            and lib.resty_counter_stage_info(
-                    self.stage,
-                    info_out,
-                    INFO_FIELDS
-                )
-                == INFO_FIELDS
+            and lib.resty_counter_stage_info(self.stage, info_out) == 0
         then
-            s.lease_held = info_out[5] == info_out[17]
-            s.stage_fill = tonumber(info_out[13])
-            s.stage_slots = tonumber(info_out[2])
-            s.lost_in_flight = tonumber(info_out[12])
-            s.lost_in_flight_events = tonumber(info_out[11])
+            local r = info_out
+            s.lease_held = r.lease_owner == r.pid
+            s.stage_fill = r.fill
+            s.stage_slots = r.slots
+            s.lost_in_flight = r.lost_amount
+            s.lost_in_flight_events = r.lost_events
         else
             s.lease_held = false
         end

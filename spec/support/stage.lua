@@ -15,6 +15,7 @@ local counter = require("resty.counter")
 
 local _M = {}
 
+-- The fields of resty_counter_stage_report (the shim's cdef).
 local INFO = {
     "offset",
     "anchor",
@@ -41,7 +42,7 @@ local handles = {}
 local flushers = {}
 local err_out = ffi.new("int32_t[1]")
 local fold_out = ffi.new("double[3]")
-local info_out = ffi.new("double[?]", #INFO)
+local info_out -- a resty_counter_stage_report, once the cdef is declared
 
 -- The library; `dict_name` (default "counters") names any shared dict of
 -- this nginx, for the new() that loads it and declares the shim's cdef.
@@ -115,11 +116,13 @@ function _M.fold(h, lease_ms)
 end
 
 function _M.info(h)
-    local n = _M.lib().resty_counter_stage_info(h, info_out, #INFO)
-    assert(n == #INFO, "stage_info wrote " .. tostring(n))
+    local l = _M.lib()
+    info_out = info_out or ffi.new("resty_counter_stage_report")
+    local rc = l.resty_counter_stage_info(h, info_out)
+    assert(rc == 0, "stage_info: " .. tostring(rc))
     local t = {}
-    for i, name in ipairs(INFO) do
-        t[name] = tonumber(info_out[i - 1])
+    for _, name in ipairs(INFO) do
+        t[name] = info_out[name]
     end
     return t
 end
