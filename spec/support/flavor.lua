@@ -59,6 +59,14 @@ local function detect()
     if not bin or bin == "" then
         bin = "nginx"
     end
+    if not bin:find("/") then
+        -- The path, not the name: a binary upgrade (USR2) re-executes the
+        -- master's argv[0], which must name the file.
+        local full = run("command -v " .. quote(bin)):gsub("%s+$", "")
+        if full ~= "" then
+            bin = full
+        end
+    end
     local V = run(quote(bin) .. " -V")
     local version = V:match("nginx version: (%S+)")
     if not version then
