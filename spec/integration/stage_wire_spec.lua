@@ -16,6 +16,10 @@
 --   * { stage = false }, and 1 worker, take the direct path;
 --   * a dict too small for a stage falls back, with one WARN per worker,
 --     and counts exactly;
+--   * key churn (every round new keys, 9 times as many as the stage has
+--     slots over the run): idle slots are reclaimed, so the stage keeps
+--     taking the new keys instead of filling up and sending them down the
+--     direct path; exact counts;
 --   * a zone with no room for the stage at the first sync (another worker's
 --     block, or the users' keys, fill it): the workers write directly and
 --     attach at a later sync once there is room or a stage to find.
@@ -29,7 +33,7 @@ local INTERVAL = 0.1
 -- Every worker adds 1 to keys k1..kK once per interval for `rounds`
 -- rounds (a timer), and copies its stats into the `meta` dict under
 -- "<field>:<pid>" each interval.
-local function bump_http(dict_size, k, rounds, opts)
+local function bump_http(dict_size, k, rounds, opts, rotate)
     return [[
   lua_shared_dict counters ]] .. dict_size .. [[;
   lua_shared_dict meta 1m;
@@ -43,8 +47,10 @@ local function bump_http(dict_size, k, rounds, opts)
       end
       if rounds < ]] .. rounds .. [[ then
         rounds = rounds + 1
+        local prefix = ]] .. (rotate and '"r" .. rounds .. ":k"' or '"k"') .. [[
+
         for i = 1, ]] .. k .. [[ do
-          c:incr("k" .. i)
+          c:incr(prefix .. i)
         end
         meta:incr("bumps", 1, 0)
       end
@@ -53,6 +59,7 @@ local function bump_http(dict_size, k, rounds, opts)
       meta:set("stage:" .. pid, s.stage and 1 or 0)
       meta:set("published:" .. pid, s.published)
       meta:set("fallback:" .. pid, s.fallback_writes)
+      meta:set("fill:" .. pid, s.stage_fill or 0)
     end)
   }
 ]]
@@ -256,6 +263,62 @@ describe("#integration the shared stage in the sync", function()
                 warns >= 1 and warns <= WORKERS,
                 warns .. " WARN lines"
             )
+            assert.same({}, H.crash_lines(srv:error_log()))
+        end
+    )
+
+    it(
+        "key churn: idle slots are reclaimed, the stage keeps taking new "
+            .. "keys, exact counts",
+        function()
+            -- 128 KiB: 638 slots. 50 new keys per round, 120 rounds: 6,000
+            -- distinct keys, 9 times the slots. Without reclaim the stage
+            -- is full after about 13 rounds and the rest is written
+            -- directly.
+            local K, ROUNDS = 50, 120
+            srv = nginx.start({
+                workers = WORKERS,
+                server = DUMP,
+                http = bump_http(
+                    "16m",
+                    K,
+                    ROUNDS,
+                    "{ stage_bytes = 131072 }",
+                    true
+                ),
+            })
+            H.poll(40, function()
+                return (meta(srv).bumps or 0) >= WORKERS * ROUNDS
+            end)
+            local status, body, got
+            H.poll(10, function()
+                status, body = srv:get("/dump?d=counters")
+                assert.equal(200, status)
+                got = H.parse_dump(body)
+                return got["r" .. ROUNDS .. ":k" .. K] == WORKERS
+            end)
+            local wrong = {}
+            for r = 1, ROUNDS do
+                for i = 1, K do
+                    local key = "r" .. r .. ":k" .. i
+                    if got[key] ~= WORKERS then
+                        wrong[#wrong + 1] = key .. "=" .. tostring(got[key])
+                    end
+                end
+            end
+            assert.same({}, wrong)
+            local m = meta(srv)
+            local published, fallback = sum(m.published), sum(m.fallback)
+            assert.is_true(
+                fallback <= 0.05 * published,
+                ("%d deltas written directly, %d staged"):format(
+                    fallback,
+                    published
+                )
+            )
+            for pid, fill in pairs(m.fill) do
+                assert.is_true(fill < 638, pid .. ": stage fill " .. fill)
+            end
             assert.same({}, H.crash_lines(srv:error_log()))
         end
     )
