@@ -100,6 +100,7 @@ pub struct FlusherHandle {
 /// Asks the CPU to bring the cache line at `p` in, without waiting for
 /// it: the stage's batch publish issues these for a group of keys so that
 /// their misses overlap (`stage.rs`, `touch`). A no-op off x86_64.
+#[cfg(not(loom))]
 #[inline]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
