@@ -29,6 +29,7 @@
 package.path = "./?.lua;" .. package.path
 local nginx = require("spec.support.nginx")
 local socket = require("socket")
+local stats = require("bench.stats")
 
 local function list(name, default)
     local out = {}
@@ -167,16 +168,7 @@ local function measure(mode, n, k)
 end
 
 local function median(t)
-    local s = {}
-    for i, v in ipairs(t) do
-        s[i] = v
-    end
-    table.sort(s)
-    local n = #s
-    if n == 0 then
-        return 0 / 0
-    end
-    return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+    return stats.median(t) or 0 / 0
 end
 
 os.execute("mkdir -p " .. OUT)

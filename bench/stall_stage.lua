@@ -20,6 +20,7 @@
 package.path = "./?.lua;" .. package.path
 local nginx = require("spec.support.nginx")
 local socket = require("socket")
+local stats = require("bench.stats")
 
 local WORKERS = tonumber(os.getenv("STALL_WORKERS")) or 32
 local KEYS = tonumber(os.getenv("STALL_KEYS")) or 100000
@@ -131,12 +132,7 @@ local function run(mode)
 end
 
 local function median(t)
-    table.sort(t)
-    local n = #t
-    if n == 0 then
-        return 0 / 0
-    end
-    return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
+    return stats.median(t) or 0 / 0
 end
 
 print(

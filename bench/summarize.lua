@@ -10,6 +10,8 @@ local raw_path, out_dir, seconds = arg[1], arg[2], arg[3]
 assert(raw_path and out_dir, "usage: summarize.lua RAW_CSV OUT_DIR [SECONDS]")
 
 local fmt = string.format
+-- bench/stats.lua, next to this file (it runs from any directory).
+local stats = dofile((arg[0]:match("^(.*)/") or ".") .. "/stats.lua")
 
 local samples = {} -- "figure|mode|size|contender|metric" -> { values }
 
@@ -28,21 +30,7 @@ for l in io.lines(raw_path) do
     end
 end
 
-local function median(t)
-    if not t or #t == 0 then
-        return nil
-    end
-    local s = {}
-    for i, v in ipairs(t) do
-        s[i] = v
-    end
-    table.sort(s)
-    local n = #s
-    if n % 2 == 1 then
-        return s[(n + 1) / 2]
-    end
-    return (s[n / 2] + s[n / 2 + 1]) / 2
-end
+local median = stats.median
 
 local function get(figure, mode, size, contender, metric)
     local t =

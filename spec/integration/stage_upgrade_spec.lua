@@ -40,16 +40,6 @@ local SERVER = [[
   }
 ]]
 
-local function read(path)
-    local f = io.open(path)
-    if not f then
-        return nil
-    end
-    local text = f:read("*a")
-    f:close()
-    return text
-end
-
 -- The worker processes of a master (after USR2 the new master is a child
 -- of the old one too).
 local function workers_of(master)
@@ -58,7 +48,7 @@ local function workers_of(master)
     p:close()
     local pids = {}
     for pid in out:gmatch("%d+") do
-        local title = read("/proc/" .. pid .. "/cmdline") or ""
+        local title = H.read_file("/proc/" .. pid .. "/cmdline") or ""
         if title:find("^nginx: worker process") then
             pids[#pids + 1] = tonumber(pid)
         end
@@ -142,7 +132,7 @@ describe("#integration the shared stage across a binary upgrade", function()
             local pid_file = srv.prefix .. "/logs/nginx.pid"
             local new_master
             H.poll(15, function()
-                local text = read(pid_file)
+                local text = H.read_file(pid_file)
                 new_master = tonumber(text and text:match("%d+"))
                 return new_master
                     and new_master ~= old_master
