@@ -10,12 +10,18 @@
 --   luajit bench/stall_stage.lua              (from the repository root)
 --
 -- STALL_WORKERS (32), STALL_KEYS (100000), STALL_SECS (6), STALL_WARM (3),
--- STALL_ROUNDS (3). Prints, per contender, the worst lateness over all
+-- STALL_ROUNDS (3). Two figures per contender, each as the worst over all
 -- workers and the median of the per-worker worsts, in ms (medians over the
--- rounds). The key loop itself (K Lua table adds in one timer run) is in
--- every contender, control included, so the sync's share is the
--- difference to control. With more workers than cores the OS scheduler's
--- delays are in every contender too.
+-- rounds):
+--   * lateness: how late the probe ran, in wall time. With more workers
+--     than cores it is mostly run-queue waiting: every worker's timers fire
+--     at the same second, and their CPU bursts queue on 2 cores.
+--   * hold: the CPU the worker spent between two probe runs, that is, how
+--     long its event loop went without giving the probe a turn, whatever
+--     the OS scheduler did meanwhile. The stall a sync imposes on its own
+--     worker's events. The key loop itself (K Lua table adds in one timer
+--     run) is in every contender, control included, so the sync's share is
+--     the difference to control.
 
 package.path = "./?.lua;" .. package.path
 local nginx = require("spec.support.nginx")
@@ -71,37 +77,46 @@ init_worker_by_lua_block {
     pcall(ffi.cdef, "struct stall_timespec { long tv_sec; long tv_nsec; };"
         .. "int clock_gettime(int clk, struct stall_timespec *tp);")
     local ts = ffi.new("struct stall_timespec")
-    local function clock()
-        ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+    local function clock(which)
+        ffi.C.clock_gettime(which or 1, ts) -- 1: CLOCK_MONOTONIC
         return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
     end
+    local CPU = 2 -- CLOCK_PROCESS_CPUTIME_ID
     local start = clock()
     local probe
-    probe = function(premature, due)
+    probe = function(premature, due, cpu_before)
         if premature then
             return
         end
-        local now = clock()
+        local now, cpu = clock(), clock(CPU)
         if now - start > ${WARM} then
-            local late = now - due
+            -- late: wall time past due, run-queue waits included. hold:
+            -- CPU this worker spent between two probe runs, that is, how
+            -- long its event loop was held without the probe getting a
+            -- turn, whatever the OS scheduler did meanwhile.
+            local late, hold = now - due, cpu - cpu_before
             if late > (out:get(id) or 0) then
                 out:set(id, late)
             end
+            if hold > (out:get("h" .. id) or 0) then
+                out:set("h" .. id, hold)
+            end
         end
-        ngx.timer.at(0.001, probe, now + 0.001)
+        ngx.timer.at(0.001, probe, now + 0.001, clock(CPU))
     end
-    ngx.timer.at(0.001, probe, clock() + 0.001)
+    ngx.timer.at(0.001, probe, clock() + 0.001, clock(CPU))
 }
 ]]
 
 local SERVER = [[
 location = /worst {
     content_by_lua_block {
-        local out, t = ngx.shared.stall_out, {}
+        local out, late, hold = ngx.shared.stall_out, {}, {}
         for _, k in ipairs(out:get_keys(0)) do
+            local t = k:sub(1, 1) == "h" and hold or late
             t[#t + 1] = out:get(k)
         end
-        ngx.say(table.concat(t, " "))
+        ngx.say(table.concat(late, " "), "|", table.concat(hold, " "))
     }
 }
 ]]
@@ -123,12 +138,18 @@ local function run(mode)
     socket.sleep(WARM + SECS)
     local _, body = srv:get("/worst")
     srv:stop()
-    local t = {}
-    for v in (body or ""):gmatch("%S+") do
-        t[#t + 1] = tonumber(v) * 1e3
+    local function worsts(text)
+        local t = {}
+        for v in (text or ""):gmatch("%S+") do
+            t[#t + 1] = tonumber(v) * 1e3
+        end
+        table.sort(t)
+        return t[#t] or 0 / 0, t[math.ceil(#t / 2)] or 0 / 0, #t
     end
-    table.sort(t)
-    return t[#t] or 0 / 0, t[math.ceil(#t / 2)] or 0 / 0, #t
+    local late, hold = (body or ""):match("^([^|]*)|([^\n]*)")
+    local worst, med, n = worsts(late)
+    local hold_worst, hold_med = worsts(hold)
+    return worst, med, n, hold_worst, hold_med
 end
 
 local function median(t)
@@ -144,33 +165,54 @@ print(
         ROUNDS
     )
 )
-local worsts, medians = {}, {}
+-- Per contender, per round: the worst lateness over the workers, the
+-- median of the per-worker worsts, and the same two for the hold.
+local figures = { "worst", "median", "hold_worst", "hold_median" }
+local got = {}
 for _, mode in ipairs(MODES) do
-    worsts[mode], medians[mode] = {}, {}
+    got[mode] = {}
+    for _, f in ipairs(figures) do
+        got[mode][f] = {}
+    end
 end
 for round = 1, ROUNDS do
     for i = 1, #MODES do
         local mode = MODES[(i + round - 2) % #MODES + 1]
-        local worst, med, n = run(mode)
-        table.insert(worsts[mode], worst)
-        table.insert(medians[mode], med)
+        local worst, med, n, hold_worst, hold_med = run(mode)
+        local g = got[mode]
+        table.insert(g.worst, worst)
+        table.insert(g.median, med)
+        table.insert(g.hold_worst, hold_worst)
+        table.insert(g.hold_median, hold_med)
         io.stderr:write(
-            ("stall: round %d %-8s worst %.1f ms, median %.1f ms (%d workers)\n"):format(
+            (
+                "stall: round %d %-8s late: worst %.1f ms, median %.1f ms; "
+                .. "hold: worst %.2f ms, median %.2f ms (%d workers)\n"
+            ):format(
                 round,
                 mode,
                 worst,
                 med,
+                hold_worst,
+                hold_med,
                 n
             )
         )
     end
 end
+print(
+    "            lateness (wall, run-queue waits included)   "
+        .. "hold (CPU between two probe runs)"
+)
 for _, mode in ipairs(MODES) do
+    local g = got[mode]
     print(
-        ("%-8s worst %7.1f ms, median of per-worker worsts %7.1f ms"):format(
+        ("%-8s    worst %7.1f ms, median %7.1f ms          worst %6.2f ms, median %6.2f ms"):format(
             mode,
-            median(worsts[mode]),
-            median(medians[mode])
+            median(g.worst),
+            median(g.median),
+            median(g.hold_worst),
+            median(g.hold_median)
         )
     )
 end
