@@ -1,6 +1,6 @@
 -- Worst event-loop stall with the shared stage: N workers each dirty the
--- same K keys once per second (1 s sync), and a 1 ms probe timer in every
--- worker records how late it fires. Contenders: control (the same
+-- same K keys once per second, spread over the second (1 s sync), and a
+-- 1 ms probe timer in every worker records how late it fires. Contenders: control (the same
 -- increments into a plain Lua table, cleared each second: counting without
 -- any sync), original (bench/reference_counter.lua: one dict write per key
 -- and worker, in one go), stage (default with N > 1), direct
@@ -19,9 +19,9 @@
 --   * hold: the CPU the worker spent between two probe runs, that is, how
 --     long its event loop went without giving the probe a turn, whatever
 --     the OS scheduler did meanwhile. The stall a sync imposes on its own
---     worker's events. The key loop itself (K Lua table adds in one timer
---     run) is in every contender, control included, so the sync's share is
---     the difference to control.
+--     worker's events. The load itself (K / 100 Lua table adds per 10 ms
+--     timer run) is in every contender, control included, so the sync's
+--     share is the difference to control.
 
 package.path = "./?.lua;" .. package.path
 local nginx = require("spec.support.nginx")
@@ -54,22 +54,29 @@ init_worker_by_lua_block {
         c = assert(require("resty.counter").new("stall", 1, nil,
                                                 { stage = false }))
     end
-    local plain = {}
-    assert(ngx.timer.every(1, function(premature)
+    -- The increments arrive spread over the second, as requests do: every
+    -- 10 ms a timer adds the next K / 100 keys, so that no single run of
+    -- the load itself holds the event loop for long.
+    local plain, CHUNK, next_key = {}, math.ceil(K / 100), 1
+    assert(ngx.timer.every(0.01, function(premature)
         if premature then
             return
         end
+        local last = math.min(K, next_key + CHUNK - 1)
         if c then
-            for i = 1, K do
+            for i = next_key, last do
                 c:incr(keys[i], 1)
             end
         else
-            require("table.clear")(plain)
-            for i = 1, K do
+            if next_key == 1 then
+                require("table.clear")(plain)
+            end
+            for i = next_key, last do
                 local k = keys[i]
                 plain[k] = (plain[k] or 0) + 1
             end
         end
+        next_key = last < K and last + 1 or 1
     end))
     local out, id = ngx.shared.stall_out, "w" .. ngx.worker.id()
     -- A monotonic clock in ns resolution (ngx.now() has milliseconds).
