@@ -10,7 +10,8 @@
 --   luajit bench/stall_stage.lua              (from the repository root)
 --
 -- STALL_WORKERS (32), STALL_KEYS (100000), STALL_SECS (6), STALL_WARM (3),
--- STALL_ROUNDS (3). Two figures per contender, each as the worst over all
+-- STALL_ROUNDS (3), STALL_MODES (the contenders), STALL_GC (stop: a
+-- diagnostic, every worker's Lua GC stopped). Two figures per contender, each as the worst over all
 -- workers and the median of the per-worker worsts, in ms (medians over the
 -- rounds):
 --   * lateness: how late the probe ran, in wall time. With more workers
@@ -33,13 +34,23 @@ local KEYS = tonumber(os.getenv("STALL_KEYS")) or 100000
 local SECS = tonumber(os.getenv("STALL_SECS")) or 6
 local WARM = tonumber(os.getenv("STALL_WARM")) or 3
 local ROUNDS = tonumber(os.getenv("STALL_ROUNDS")) or 3
-local MODES = { "control", "original", "stage", "direct" }
+local MODES = {}
+for m in
+    (os.getenv("STALL_MODES") or "control original stage direct"):gmatch("%S+")
+do
+    MODES[#MODES + 1] = m
+end
+-- Diagnostic: STALL_GC=stop stops each worker's Lua GC for the run.
+local GC = os.getenv("STALL_GC") == "stop" and "stop" or "keep"
 
 local HTTP = [[
 lua_shared_dict stall ${DICT_MB}m;
 lua_shared_dict stall_out 1m;
 init_worker_by_lua_block {
     local mode, K = "${MODE}", ${KEYS}
+    if "${GC}" == "stop" then
+        collectgarbage("stop")
+    end
     local keys = {}
     for i = 1, K do
         keys[i] = 'stall_requests_total{route="r' .. i .. '",code="200"}'
@@ -139,6 +150,7 @@ local function run(mode)
             DICT_MB = tostring(dict_mb),
             STAGE = tostring(stage),
             WARM = tostring(WARM),
+            GC = GC,
         })),
         server = SERVER,
     })
