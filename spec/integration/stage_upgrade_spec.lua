@@ -97,15 +97,21 @@ local function settled(srv, want, pids)
 end
 
 describe("#integration the shared stage across a binary upgrade", function()
-    local srv, old_master
+    local srv, old_master, new_master
 
+    -- Whatever point a failure stopped at: the old master, and a new one
+    -- the harness does not know of yet (it is the old one's child and
+    -- outlives it), are told to quit too.
     after_each(function()
-        if old_master and alive(old_master) then
-            os.execute("kill -QUIT " .. old_master)
-            H.poll(10, function()
-                return not alive(old_master)
-            end)
+        for _, master in ipairs({ old_master or 0, new_master or 0 }) do
+            if master > 0 and alive(master) then
+                os.execute("kill -QUIT " .. master)
+                H.poll(10, function()
+                    return not alive(master)
+                end)
+            end
         end
+        old_master, new_master = nil, nil
         if srv then
             srv:stop()
             srv = nil
@@ -130,7 +136,6 @@ describe("#integration the shared stage across a binary upgrade", function()
             -- binary, which writes nginx.pid and starts its own workers.
             os.execute("kill -USR2 " .. old_master)
             local pid_file = srv.prefix .. "/logs/nginx.pid"
-            local new_master
             H.poll(15, function()
                 local text = H.read_file(pid_file)
                 new_master = tonumber(text and text:match("%d+"))
