@@ -487,6 +487,48 @@ mod tests {
     }
 
     #[test]
+    fn transient_attach_codes_are_the_ones_a_later_sync_may_fix() {
+        for e in ATTACH_ERRORS {
+            assert_eq!(
+                resty_counter_stage_transient(attach_code(e)),
+                i32::from(e.is_transient()),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            resty_counter_stage_transient(attach_code(AttachError::NoMemory)),
+            1
+        );
+        assert_eq!(
+            resty_counter_stage_transient(attach_code(AttachError::RegistryFull)),
+            1
+        );
+        assert_eq!(
+            resty_counter_stage_transient(attach_code(AttachError::Dict)),
+            1
+        );
+        assert_eq!(
+            resty_counter_stage_transient(attach_code(AttachError::ZoneTooSmall)),
+            0
+        );
+        assert_eq!(
+            resty_counter_stage_transient(attach_code(AttachError::NameMismatch)),
+            0
+        );
+        for other in [
+            0,
+            RC_NULL,
+            RC_PANIC,
+            RC_BUSY,
+            RC_BAD_STAGE,
+            i32::MIN,
+            i32::MAX,
+        ] {
+            assert_eq!(resty_counter_stage_transient(other), 0, "{other}");
+        }
+    }
+
+    #[test]
     fn attach_outside_nginx_reports_why() {
         let mut err = 0;
         let mut udata = 0u8;
