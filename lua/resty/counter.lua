@@ -358,7 +358,8 @@ local function stage_of(self)
                 '" (',
                 ffi.string(l.resty_counter_stage_strerror(code)),
                 "): this worker writes its counts into the dict directly",
-                again and " until it can attach (tried again each sync)" or ""
+                again and " until it can attach (tried again at later syncs)"
+                    or ""
             )
         end
         if not again then
