@@ -40,27 +40,6 @@ local SERVER = [[
   }
 ]]
 
--- The worker processes of a master (after USR2 the new master is a child
--- of the old one too).
-local function workers_of(master)
-    local p = assert(io.popen("pgrep -P " .. master))
-    local out = p:read("*a")
-    p:close()
-    local pids = {}
-    for pid in out:gmatch("%d+") do
-        local title = H.read_file("/proc/" .. pid .. "/cmdline") or ""
-        if title:find("^nginx: worker process") then
-            pids[#pids + 1] = tonumber(pid)
-        end
-    end
-    return pids
-end
-
-local function alive(pid)
-    local ok = os.execute("kill -0 " .. pid .. " 2>/dev/null")
-    return ok == 0 or ok == true -- Lua 5.1 returns the status, 5.2+ true
-end
-
 local function hits(srv, n)
     local pids = {}
     for _ = 1, n do
@@ -97,23 +76,11 @@ local function settled(srv, want, pids)
 end
 
 describe("#integration the shared stage across a binary upgrade", function()
-    local srv, old_master, new_master
+    local srv
 
-    -- Whatever point a failure stopped at: the old master, and a new one
-    -- the harness does not know of yet (it is the old one's child and
-    -- outlives it), are told to quit too.
     after_each(function()
-        for _, master in ipairs({ old_master or 0, new_master or 0 }) do
-            if master > 0 and alive(master) then
-                os.execute("kill -QUIT " .. master)
-                H.poll(10, function()
-                    return not alive(master)
-                end)
-            end
-        end
-        old_master, new_master = nil, nil
         if srv then
-            srv:stop()
+            srv:stop() -- the old master too, if the upgrade did not finish
             srv = nil
         end
     end)
@@ -127,36 +94,14 @@ describe("#integration the shared stage across a binary upgrade", function()
                 http = HTTP,
                 server = SERVER,
             })
-            old_master = srv.master_pid
             local old_workers = hits(srv, N1)
             local state = settled(srv, N1, old_workers)
             assert.matches("^" .. N1 .. " 1 ", state)
 
-            -- USR2: the old master renames its pid file and starts the new
-            -- binary, which writes nginx.pid and starts its own workers.
-            os.execute("kill -USR2 " .. old_master)
-            local pid_file = srv.prefix .. "/logs/nginx.pid"
-            H.poll(15, function()
-                local text = H.read_file(pid_file)
-                new_master = tonumber(text and text:match("%d+"))
-                return new_master
-                    and new_master ~= old_master
-                    and #workers_of(new_master) == WORKERS
-            end)
-            -- The old workers go (WINCH): each writes its buffer and folds
-            -- the old stage into the old dict on its way out.
-            local leaving = workers_of(old_master)
+            -- USR2, WINCH, QUIT: the old workers write their buffers and
+            -- fold the old stage into the old dict on their way out.
+            local leaving = srv:upgrade()
             assert.equal(WORKERS, #leaving)
-            os.execute("kill -WINCH " .. old_master)
-            H.poll(15, function()
-                for _, pid in ipairs(leaving) do
-                    if alive(pid) then
-                        return false
-                    end
-                end
-                return true
-            end)
-            srv.master_pid = new_master
 
             -- Only the new workers serve now: their dict starts at zero.
             local new_workers = hits(srv, N2)
@@ -166,10 +111,6 @@ describe("#integration the shared stage across a binary upgrade", function()
             state = settled(srv, N2, new_workers)
             assert.matches("^" .. N2 .. " 1 ", state)
 
-            os.execute("kill -QUIT " .. old_master)
-            H.poll(15, function()
-                return not alive(old_master)
-            end)
             local log = srv:error_log()
             assert.same({}, H.crash_lines(log))
             assert.is_nil(log:find("lost", 1, true), "a loss line")

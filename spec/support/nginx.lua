@@ -26,6 +26,10 @@
 --   srv:worker_pids()     -> sorted pids of the workers accepting requests
 --   srv:reload()          -> HUP; returns once every old worker has exited
 --                            and the new ones answer; returns their pids
+--   srv:upgrade()         -> binary upgrade: USR2, then WINCH and QUIT to
+--                            the old master; returns once it is gone and
+--                            the new workers answer; returns the old
+--                            workers' pids (srv.master_pid: the new master)
 --   srv:error_log()       -> error.log text (still available after stop)
 --   srv:access_log_lines()-> access.log lines (idem; the readiness probe
 --                            is not logged)
@@ -558,13 +562,14 @@ function Server:tcp(data, timeout)
     return body
 end
 
--- Pids of the workers that accept requests (not those shutting down).
-function Server:worker_pids()
+-- Pids of the workers of `master` that accept requests (not those shutting
+-- down; after USR2 the new master is a child of the old one too).
+local function worker_pids_of(master)
     local pids = {}
-    if not self.master_pid then
+    if not master then
         return pids
     end
-    local out = run("pgrep -P " .. self.master_pid)
+    local out = run("pgrep -P " .. master)
     for pid in out:gmatch("%d+") do
         local title = read_file("/proc/" .. pid .. "/cmdline") or ""
         if
@@ -576,6 +581,10 @@ function Server:worker_pids()
     end
     table.sort(pids)
     return pids
+end
+
+function Server:worker_pids()
+    return worker_pids_of(self.master_pid)
 end
 
 -- Sends HUP, then waits until every old worker has exited and the full
@@ -597,6 +606,54 @@ function Server:reload()
         )
     end
     return self:worker_pids()
+end
+
+-- A binary upgrade as nginx documents it: USR2 (the master re-executes
+-- its binary, which starts a new master with its own workers), then WINCH
+-- (the old workers finish and exit) and QUIT to the old master. Returns,
+-- once the old master is gone and the new workers answer, the pids of the
+-- old workers; srv.master_pid is then the new master. Until the old master
+-- is gone, stop() ends it too.
+function Server:upgrade()
+    local old_master, old_workers = self.master_pid, self:worker_pids()
+    self.old_master = old_master
+    signal(old_master, "USR2")
+    local new_master
+    local function step(done, what)
+        if not done then
+            error(
+                self:diagnose(
+                    "binary upgrade: "
+                        .. what
+                        .. " not within "
+                        .. RELOAD_TIMEOUT
+                        .. "s"
+                ),
+                3
+            )
+        end
+    end
+    step(
+        wait_until(RELOAD_TIMEOUT, function()
+            new_master = self:read_master_pid()
+            return new_master ~= old_master
+                and #worker_pids_of(new_master) == self.workers
+        end),
+        "a new master with its workers"
+    )
+    self.master_pid = new_master
+    signal(old_master, "WINCH")
+    step(wait_gone(old_workers, RELOAD_TIMEOUT), "the old workers gone")
+    signal(old_master, "QUIT")
+    step(wait_gone({ old_master }, RELOAD_TIMEOUT), "the old master gone")
+    self.old_master = nil
+    step(
+        wait_until(RELOAD_TIMEOUT, function()
+            return self:ready()
+        end),
+        "the new workers answering"
+    )
+    return old_workers
 end
 
 function Server:error_log()
@@ -643,6 +700,10 @@ function Server:stop()
     self.graceful = true
     if self.master_pid and pid_alive(self.master_pid) then
         self.graceful = terminate(self.master_pid, self:worker_pids())
+    end
+    local old = self.old_master -- a binary upgrade that did not finish
+    if old and pid_alive(old) then
+        self.graceful = terminate(old, worker_pids_of(old)) and self.graceful
     end
     self.final_error_log = read_file(self:log_path("error")) or ""
     self.final_access_log = read_file(self:log_path("access")) or ""
