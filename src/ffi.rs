@@ -326,7 +326,8 @@ pub unsafe extern "C" fn resty_counter_flusher_retry(h: *mut FlusherHandle, budg
 /// error metric: then a write that evicted other entries fails the sync.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle; `out` NULL or writable.
+/// `h` must be NULL or a live handle and `out` NULL or writable, neither
+/// aliased during the call.
 ///
 /// # Errors
 /// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
@@ -337,12 +338,8 @@ pub unsafe extern "C" fn resty_counter_flusher_end(
     out: *mut SyncResult,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live and not aliased during the call.
-        let Some(h) = (unsafe { h.as_mut() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: out is NULL or writable, by the contract.
-        let Some(out) = (unsafe { out.as_mut() }) else {
+        // SAFETY: h and out are NULL or live and not aliased, by the contract.
+        let Some((h, out)) = (unsafe { handle_and_out(h, out) }) else {
             return RC_NULL;
         };
         let end = h.flusher.end(error_metric != 0);
@@ -419,7 +416,8 @@ pub unsafe extern "C" fn resty_counter_incr(
 /// `pending_sum` is the sum of the pending deltas.
 ///
 /// # Safety
-/// `h` must be NULL or a live handle; `out` NULL or writable.
+/// `h` must be NULL or a live handle and `out` NULL or writable, neither
+/// aliased during the call.
 ///
 /// # Errors
 /// `RC_NULL` or `RC_PANIC`; else `RC_STORED`.
@@ -429,12 +427,8 @@ pub unsafe extern "C" fn resty_counter_flusher_stats(
     out: *mut CStats,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live; only read.
-        let Some(h) = (unsafe { h.as_ref() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: out is NULL or writable, by the contract.
-        let Some(out) = (unsafe { out.as_mut() }) else {
+        // SAFETY: h and out are NULL or live and not aliased, by the contract.
+        let Some((h, out)) = (unsafe { handle_and_out(h, out) }) else {
             return RC_NULL;
         };
         let s = h.flusher.stats();
@@ -483,6 +477,20 @@ pub(crate) unsafe fn handle_and_key<'a, T>(
 ) -> Option<(&'a mut T, &'a [u8])> {
     // SAFETY: by this function's contract.
     unsafe { Some((h.as_mut()?, bytes(key, key_len)?)) }
+}
+
+/// The handle and the out-struct of an export that fills one (sync result,
+/// stats, stage report); `None` if either is NULL.
+///
+/// # Safety
+/// `h` must be NULL or live and not aliased during the call; `out` NULL or
+/// writable and not aliased during the call.
+pub(crate) unsafe fn handle_and_out<'a, T, O>(
+    h: *mut T,
+    out: *mut O,
+) -> Option<(&'a mut T, &'a mut O)> {
+    // SAFETY: by this function's contract.
+    unsafe { Some((h.as_mut()?, out.as_mut()?)) }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 use std::ffi::{CStr, c_char, c_void};
 use std::ptr;
 
-use crate::ffi::{FlusherHandle, bytes, guard, handle_and_key};
+use crate::ffi::{FlusherHandle, bytes, guard, handle_and_key, handle_and_out};
 use crate::flush::{Outcome, Rejected};
 use crate::stage::{Lease, Published};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
@@ -398,7 +398,8 @@ pub struct StageReport {
 /// [`StageReport`]).
 ///
 /// # Safety
-/// `h` must be NULL or live; `out` NULL or writable.
+/// `h` must be NULL or live and `out` NULL or writable, neither aliased
+/// during the call.
 ///
 /// # Errors
 /// `RC_NULL` or `RC_PANIC`; else 0.
@@ -408,12 +409,8 @@ pub unsafe extern "C" fn resty_counter_stage_info(
     out: *mut StageReport,
 ) -> i32 {
     guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live; only read.
-        let Some(h) = (unsafe { h.as_ref() }) else {
-            return RC_NULL;
-        };
-        // SAFETY: out is NULL or writable, by the contract.
-        let Some(out) = (unsafe { out.as_mut() }) else {
+        // SAFETY: h and out are NULL or live and not aliased, by the contract.
+        let Some((h, out)) = (unsafe { handle_and_out(h, out) }) else {
             return RC_NULL;
         };
         let st = h.zs.stage;
