@@ -54,20 +54,9 @@ lua_shared_dict scale ${DICT_MB}m;
 lua_shared_dict scale_stats 1m;
 init_worker_by_lua_block {
     local mode, K = "${MODE}", ${KEYS}
-    local keys = {}
-    for i = 1, K do
-        keys[i] = 'scale_requests_total{route="r' .. i .. '",code="200"}'
-    end
-    local c
-    if mode == "original" then
-        c = require("bench.reference_counter").new("scale", 1)
-    elseif mode == "project" then
-        c = assert(require("resty.counter").new("scale", 1, nil,
-                                                { stage_bytes = ${STAGE_BYTES} }))
-    elseif mode == "direct" then
-        c = assert(require("resty.counter").new("scale", 1, nil,
-                                                { stage = false }))
-    end
+    local contenders = require("bench.contenders")
+    local keys = contenders.keys("scale_requests_total", K)
+    local c = contenders.new(mode, "scale", ${STAGE_BYTES})
     local stats = ngx.shared.scale_stats
     local id = "w" .. ngx.worker.id()
     local writes, sink = 0, 0

@@ -51,20 +51,9 @@ init_worker_by_lua_block {
     if "${GC}" == "stop" then
         collectgarbage("stop")
     end
-    local keys = {}
-    for i = 1, K do
-        keys[i] = 'stall_requests_total{route="r' .. i .. '",code="200"}'
-    end
-    local c
-    if mode == "original" then
-        c = require("bench.reference_counter").new("stall", 1)
-    elseif mode == "stage" then
-        c = assert(require("resty.counter").new("stall", 1, nil,
-                                                { stage_bytes = ${STAGE} }))
-    elseif mode == "direct" then
-        c = assert(require("resty.counter").new("stall", 1, nil,
-                                                { stage = false }))
-    end
+    local contenders = require("bench.contenders")
+    local keys = contenders.keys("stall_requests_total", K)
+    local c = contenders.new(mode, "stall", ${STAGE})
     -- The increments arrive spread over the second, as requests do: every
     -- 10 ms a timer adds the next K / 100 keys, so that no single run of
     -- the load itself holds the event loop for long.
