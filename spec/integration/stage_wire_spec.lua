@@ -99,14 +99,6 @@ local function sum(t)
     return n
 end
 
-local function count(t)
-    local n = 0
-    for _ in pairs(t or {}) do
-        n = n + 1
-    end
-    return n
-end
-
 -- Waits until every worker did all its rounds and every key holds
 -- workers * rounds; returns the keys that do not.
 local function exact(srv, workers, k, rounds)
@@ -152,7 +144,7 @@ describe("#integration the shared stage in the sync", function()
             -- Past the start (every worker attached, the lease taken), then a
             -- window of WINDOW seconds of steady load.
             H.poll(10, function()
-                return count(meta(srv).kf) == WORKERS
+                return H.count(meta(srv).kf or {}) == WORKERS
             end)
             H.sleep(1)
             local m1 = meta(srv)

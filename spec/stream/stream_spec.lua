@@ -13,6 +13,7 @@
 -- makes that a failure.
 
 local nginx = require("spec.support.nginx")
+local H = require("spec.integration.helpers")
 
 local N = os.getenv("LONG") and 2000 or 400
 local INTERVAL = 0.2
@@ -104,14 +105,6 @@ local function hits(srv, n)
     return pids, served
 end
 
-local function count(set)
-    local n = 0
-    for _ in pairs(set) do
-        n = n + 1
-    end
-    return n
-end
-
 local function bad_log_lines(log)
     local bad = {}
     for line in log:gmatch("[^\n]+") do
@@ -187,7 +180,7 @@ describe("resty.counter in a stream {} block", function()
         function()
             local pids, served = hits(srv, N)
             assert.equal(N, served)
-            assert.equal(2, count(pids), "both workers served connections")
+            assert.equal(2, H.count(pids), "both workers served connections")
             assert.equal(tostring(N), wait_for(srv, "counters", "hits", N))
             assert.equal(tostring(N), wait_for(srv, "counters", "logged", N))
             -- Never twice: two more intervals change nothing.
