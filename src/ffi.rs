@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;

@@ -21,22 +21,23 @@ pub const RC_NULL: i32 = -1;
 pub const RC_PANIC: i32 = -6;
 /// Another worker holds the fold lease.
 pub const RC_BUSY: i32 = -7;
-/// Attach errors: `RC_ATTACH - i` for the i-th kind of `AttachError`
-/// (NoSymbol, NoSlab, BadZone, NameMismatch, Implausible, ZoneTooSmall,
-/// NoMemory, BadOffset, RegistryFull, Dict).
+/// Attach errors: `RC_ATTACH - i` for the i-th kind of `AttachError` in
+/// `ATTACH_ERRORS`.
 pub const RC_ATTACH: i32 = -20;
 
-const ATTACH_ERRORS: [AttachError; 10] = [
-    AttachError::NoSymbol,
+const ATTACH_ERRORS: [AttachError; 12] = [
     AttachError::NoSlab,
     AttachError::BadZone,
     AttachError::NameMismatch,
     AttachError::Implausible,
+    AttachError::SameZone,
     AttachError::ZoneTooSmall,
     AttachError::NoMemory,
     AttachError::BadOffset,
     AttachError::RegistryFull,
     AttachError::Dict,
+    AttachError::Busy,
+    AttachError::DirectoryFull,
 ];
 /// A stage header that does not match (any layout error).
 pub const RC_BAD_STAGE: i32 = RC_ATTACH - ATTACH_ERRORS.len() as i32;
@@ -61,7 +62,7 @@ fn attach_code(e: AttachError) -> i32 {
 }
 
 /// 1 if an attach that failed with `code` may succeed later (no room in
-/// the zone yet, registry full, the dict refused the reserved key), else 0.
+/// the stage zone yet, registry full, the directory busy), else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn resty_counter_stage_transient(code: i32) -> i32 {
     guard(0, || {
@@ -91,32 +92,35 @@ pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {
     msg.as_ptr()
 }
 
-/// Finds or makes the stage of a dict and registers this worker. A stage
-/// made now takes `stage_bytes` bytes of the zone (0: an eighth of it; see
-/// `zone::stage_bytes_for`); an existing stage is joined whatever its size.
+/// Finds or makes, in the stage zone `stage_udata` (`dict[1]` of the
+/// `lua_shared_dict` named `stage_name`), the region of the dict the
+/// flusher `f` writes into, and registers this worker in it. A region made
+/// now takes `stage_bytes` bytes of the stage zone (0: twice the dict's
+/// size; see `zone::stage_bytes_for`), less when the zone has less room;
+/// an existing one is joined whatever its size.
 ///
 /// # Safety
-/// `subsystem` and `name` must point at their lengths of readable bytes;
-/// `zone_udata` must be `dict[1]` of the live dict named `name`; `err` may
-/// be NULL, else writable.
+/// `f` must be NULL or live; `stage_name` must point at `stage_name_len`
+/// readable bytes; `stage_udata` must be `dict[1]` of the live dict named
+/// `stage_name`; `err` may be NULL, else writable.
 ///
 /// # Errors
 /// Returns NULL and sets `*err` to `RC_NULL`, `RC_PANIC` or an attach code.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_stage_attach(
-    subsystem: *const u8,
-    subsystem_len: usize,
-    zone_udata: *mut c_void,
-    name: *const u8,
-    name_len: usize,
+    f: *mut FlusherHandle,
+    stage_udata: *mut c_void,
+    stage_name: *const u8,
+    stage_name_len: usize,
     stage_bytes: f64,
     err: *mut i32,
 ) -> *mut StageHandle {
     let mut code = RC_PANIC;
     let h = guard(ptr::null_mut(), || {
-        // SAFETY: the caller guarantees the lengths.
-        let (Some(sub), Some(name)) = (unsafe { bytes(subsystem, subsystem_len) }, unsafe {
-            bytes(name, name_len)
+        // SAFETY: f is NULL or live (contract); the caller guarantees the
+        // name's length.
+        let (Some(f), Some(name)) = (unsafe { f.as_ref() }, unsafe {
+            bytes(stage_name, stage_name_len)
         }) else {
             code = RC_NULL;
             return ptr::null_mut();
@@ -126,8 +130,9 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
         } else {
             0
         };
-        // SAFETY: the caller guarantees zone_udata is this dict's dict[1].
-        let zs = match unsafe { ZoneStage::attach(sub, zone_udata, name, asked) } {
+        // SAFETY: the caller guarantees stage_udata is that dict's dict[1].
+        let attached = unsafe { ZoneStage::attach(f.flusher.dict(), stage_udata, name, asked) };
+        let zs = match attached {
             Ok(zs) => zs,
             Err(e) => {
                 code = attach_code(e);
@@ -304,7 +309,6 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
             return RC_BUSY;
         }
         st.reap_dead(&alive);
-        let _ = h.zs.ensure_key();
         let flusher = &mut f.flusher;
         let mut tally = [0u64; FOLD_FIELDS];
         let mut sink = |key: &[u8], delta: f64| match flusher.add(key, delta) {
@@ -338,6 +342,9 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
                 }
             }
         };
+        if done {
+            h.zs.tend();
+        }
         h.folded += tally[0];
         if !out.is_null() {
             // SAFETY: out is non-NULL with room for FOLD_FIELDS doubles.
@@ -356,15 +363,17 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StageReport {
-    /// Offset of the stage from the zone's start.
+    /// Offset of this dict's region from the stage zone's start.
     pub offset: f64,
-    /// The zone's address the stage was made for (its pool).
+    /// Bytes of the region.
+    pub region_bytes: f64,
+    /// The dict zone's address the region was made for.
     pub anchor: f64,
     /// Slots in the table.
     pub slots: f64,
     /// The longest key the stage takes, in bytes.
     pub key_bytes: f64,
-    /// 1 if this worker's block won the reserved key, else 0.
+    /// 1 if this worker made the region, else 0.
     pub created: f64,
     /// Pid of the fold lease's holder (0: none), whatever its expiry.
     pub lease_owner: f64,
@@ -392,6 +401,13 @@ pub struct StageReport {
     pub my_folded: f64,
     /// This worker's pid.
     pub pid: f64,
+    /// Regions in the stage zone (every dict's) and their bytes.
+    pub zone_regions: f64,
+    pub zone_region_bytes: f64,
+    /// Deltas lost with orphaned regions reclaimed to make room (their
+    /// workers all killed), all time, zone-wide: count and magnitude.
+    pub orphans_lost_events: f64,
+    pub orphans_lost_amount: f64,
 }
 
 /// Fills `*out` with the stage's figures and this worker's (see
@@ -416,8 +432,10 @@ pub unsafe extern "C" fn resty_counter_stage_info(
         let st = h.zs.stage;
         let p = st.params();
         let s = st.stats();
+        let (zone_regions, zone_bytes, lost_n, lost_sum) = h.zs.zone_report();
         *out = StageReport {
-            offset: h.zs.offset as f64,
+            offset: h.zs.region.offset as f64,
+            region_bytes: h.zs.region.bytes as f64,
             anchor: p.anchor as f64,
             slots: p.slots as f64,
             key_bytes: st.max_key_len() as f64,
@@ -435,6 +453,10 @@ pub unsafe extern "C" fn resty_counter_stage_info(
             takeovers: s.takeovers as f64,
             my_folded: h.folded as f64,
             pid: f64::from(h.zs.worker.pid()),
+            zone_regions: zone_regions as f64,
+            zone_region_bytes: zone_bytes as f64,
+            orphans_lost_events: lost_n as f64,
+            orphans_lost_amount: lost_sum,
         };
         0
     })

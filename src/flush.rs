@@ -377,7 +377,6 @@ impl<D: Dict> Flusher<D> {
         self.pending.get(key).map(|p| p.delta)
     }
 
-    #[cfg(test)]
     pub fn dict(&self) -> &D {
         &self.dict
     }

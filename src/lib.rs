@@ -23,6 +23,8 @@
 
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+// Under loom the directory's atomics are loom's too.
+pub mod directory;
 pub mod ffi;
 // Under loom the stage's atomics are loom's, which nginx memory cannot be.
 #[cfg(not(loom))]

@@ -51,13 +51,15 @@ pub type StoreFn = unsafe extern "C" fn(
 /// `ngx_http_lua_ffi_shdict_udata_to_zone` (0.10.14 and later).
 pub type UdataToZoneFn = unsafe extern "C" fn(zone_udata: *mut c_void) -> *mut c_void;
 
-pub(crate) const NGX_OK: c_int = 0;
+const NGX_OK: c_int = 0;
+/// A plain store: `dict:set`.
+const SHDICT_SET: c_int = 0;
 /// `NGX_HTTP_LUA_SHDICT_ADD`: store only if the key is missing.
-pub(crate) const SHDICT_ADD: c_int = 1;
+const SHDICT_ADD: c_int = 1;
 /// `NGX_HTTP_LUA_SHDICT_REPLACE`: store only if the key exists.
 const SHDICT_REPLACE: c_int = 2;
 /// `LUA_TNUMBER`: the stored value is `num_value`.
-pub(crate) const LUA_TNUMBER: c_int = 3;
+const LUA_TNUMBER: c_int = 3;
 /// How often a key may vanish and reappear between incr and add.
 const ATTEMPTS: usize = 3;
 
@@ -72,14 +74,15 @@ pub enum OpenError {
 }
 
 /// Symbol prefixes to try, in order, for a subsystem (`ngx.config.subsystem`).
-fn prefixes(subsystem: &[u8]) -> &'static [&'static str] {
+pub(crate) fn prefixes(subsystem: &[u8]) -> &'static [&'static str] {
     match subsystem {
         b"stream" => &["ngx_stream_lua", "ngx_meta_lua"],
         _ => &["ngx_http_lua", "ngx_meta_lua"],
     }
 }
 
-fn lookup(name: &str) -> Option<NonNull<c_void>> {
+/// A symbol of the worker's global namespace (nginx, the lua module).
+pub(crate) fn lookup(name: &str) -> Option<NonNull<c_void>> {
     let cname = std::ffi::CString::new(name).ok()?;
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads
     // the process's symbol tables.
@@ -92,6 +95,7 @@ pub struct ShDict {
     zone: NonNull<c_void>,
     incr: IncrFn,
     store: StoreFn,
+    to_zone: Option<UdataToZoneFn>,
 }
 
 impl ShDict {
@@ -117,20 +121,77 @@ impl ShDict {
             let incr: IncrFn = unsafe { std::mem::transmute(incr.as_ptr()) };
             // SAFETY: likewise, shdict store has the signature StoreFn.
             let store: StoreFn = unsafe { std::mem::transmute(store.as_ptr()) };
-            let zone = match lookup(&format!("{prefix}_ffi_shdict_udata_to_zone")) {
-                Some(f) => {
-                    // SAFETY: same module, signature UdataToZoneFn.
-                    let f: UdataToZoneFn = unsafe { std::mem::transmute(f.as_ptr()) };
-                    // SAFETY: zone_udata is dict[1], the userdata the module
-                    // created for this dict; the call only reads it.
-                    unsafe { f(zone_udata) }
-                }
-                None => zone_udata,
+            let to_zone = lookup(&format!("{prefix}_ffi_shdict_udata_to_zone")).map(|f| {
+                // SAFETY: same module, signature UdataToZoneFn.
+                unsafe { std::mem::transmute::<*mut c_void, UdataToZoneFn>(f.as_ptr()) }
+            });
+            let mut d = ShDict {
+                zone: NonNull::dangling(),
+                incr,
+                store,
+                to_zone,
             };
-            let zone = NonNull::new(zone).ok_or(OpenError::BadZone)?;
-            return Ok(ShDict { zone, incr, store });
+            // SAFETY: forwarded contract (zone_udata is a live dict's dict[1]).
+            d.zone = unsafe { d.zone_of(zone_udata) }?;
+            return Ok(d);
         }
         Err(OpenError::NoSymbol)
+    }
+
+    /// The zone behind another dict's `dict[1]`, as `open` finds it.
+    ///
+    /// # Safety
+    /// `zone_udata` must be NULL or `dict[1]` of a live shared dict of the
+    /// same subsystem.
+    unsafe fn zone_of(&self, zone_udata: *mut c_void) -> Result<NonNull<c_void>, OpenError> {
+        if zone_udata.is_null() {
+            return Err(OpenError::BadZone);
+        }
+        let zone = match self.to_zone {
+            // SAFETY: zone_udata is dict[1], the userdata the module created
+            // for that dict; the call only reads it.
+            Some(f) => unsafe { f(zone_udata) },
+            None => zone_udata,
+        };
+        NonNull::new(zone).ok_or(OpenError::BadZone)
+    }
+
+    /// Another dict of the same subsystem, through the same entry points
+    /// (the stage zone, next to a counter dict).
+    ///
+    /// # Safety
+    /// As for [`zone_of`](Self::zone_of).
+    pub unsafe fn sibling(&self, zone_udata: *mut c_void) -> Result<ShDict, OpenError> {
+        Ok(ShDict {
+            // SAFETY: forwarded contract.
+            zone: unsafe { self.zone_of(zone_udata) }?,
+            incr: self.incr,
+            store: self.store,
+            to_zone: self.to_zone,
+        })
+    }
+
+    /// The dict's `ngx_shm_zone_t *`.
+    pub fn zone(&self) -> NonNull<c_void> {
+        self.zone
+    }
+
+    /// The number at `key`, or `None` when the key is missing.
+    pub fn read_number(&mut self, key: &[u8]) -> Result<Option<f64>, DictError> {
+        Ok(self.incr_existing(key, 0.0)?.map(|(v, _)| v))
+    }
+
+    /// `dict:add(key, value)`: false when the key exists.
+    pub fn add_number(&mut self, key: &[u8], value: f64) -> Result<bool, DictError> {
+        Ok(self.add_new(key, value)?.is_some())
+    }
+
+    /// `dict:set(key, value)`.
+    pub fn set_number(&mut self, key: &[u8], value: f64) -> Result<(), DictError> {
+        match self.store_number(SHDICT_SET, key, value) {
+            Ok(_) => Ok(()),
+            Err(err) => refusal(err, b"").and(Err(DictError::Other)),
+        }
     }
 
     /// A dict over explicit entry points: the tests' stand-ins.
@@ -139,7 +200,12 @@ impl ShDict {
     /// `incr` and `store` must behave like lua-nginx-module's for `zone`.
     #[cfg(test)]
     pub unsafe fn with_entries(zone: NonNull<c_void>, incr: IncrFn, store: StoreFn) -> Self {
-        ShDict { zone, incr, store }
+        ShDict {
+            zone,
+            incr,
+            store,
+            to_zone: None,
+        }
     }
 
     /// `dict:incr(key, value, init)` without handing incr an init (see the
@@ -212,29 +278,20 @@ impl ShDict {
         } else {
             f64::MAX.copysign(value)
         };
-        let mut err: *mut c_char = ptr::null_mut();
-        let mut forcible: c_int = 0;
-        // SAFETY: as in add_new.
-        unsafe {
-            (self.store)(
-                self.zone.as_ptr(),
-                SHDICT_REPLACE,
-                key.as_ptr(),
-                key.len(),
-                LUA_TNUMBER,
-                ptr::null(),
-                0,
-                repaired,
-                0,
-                0,
-                &mut err,
-                &mut forcible,
-            )
-        };
+        let _ = self.store_number(SHDICT_REPLACE, key, repaired);
     }
 
     /// `dict:add(key, delta)`: `Ok(None)` when the key exists by now.
     fn add_new(&mut self, key: &[u8], delta: f64) -> Result<Option<Written>, DictError> {
+        match self.store_number(SHDICT_ADD, key, delta) {
+            Ok(evicted) => Ok(Some(Written { evicted })),
+            Err(err) => refusal(err, b"exists"),
+        }
+    }
+
+    /// `shdict_store(op, key, number)`: whether entries were evicted for
+    /// it (the forcible flag), or nginx's static message.
+    fn store_number(&mut self, op: c_int, key: &[u8], value: f64) -> Result<bool, *mut c_char> {
         let mut err: *mut c_char = ptr::null_mut();
         let mut forcible: c_int = 0;
         // SAFETY: as in incr_existing; a number store reads no string
@@ -242,25 +299,20 @@ impl ShDict {
         let rc = unsafe {
             (self.store)(
                 self.zone.as_ptr(),
-                SHDICT_ADD,
+                op,
                 key.as_ptr(),
                 key.len(),
                 LUA_TNUMBER,
                 ptr::null(),
                 0,
-                delta,
+                value,
                 0,
                 0,
                 &mut err,
                 &mut forcible,
             )
         };
-        if rc == NGX_OK {
-            return Ok(Some(Written {
-                evicted: forcible != 0,
-            }));
-        }
-        refusal(err, b"exists")
+        if rc == NGX_OK { Ok(forcible != 0) } else { Err(err) }
     }
 }
 

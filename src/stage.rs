@@ -464,6 +464,34 @@ impl<'a> Stage<'a> {
             .compare_exchange(pid, 0, AcqRel, Relaxed);
     }
 
+    /// Whether any registry entry belongs to a live process: a stage
+    /// nobody is registered in is an orphan its directory may reclaim.
+    pub fn has_live_worker(&self, alive: &dyn Fn(u32) -> bool) -> bool {
+        (0..self.registry).any(|e| {
+            let pid = self.entry(e, E_PID).load(Acquire);
+            pid != 0 && alive(pid as u32)
+        })
+    }
+
+    /// Deltas still in the stage: how many READY slots hold a non-zero
+    /// delta, and the sum of their magnitudes. An orphan with none is
+    /// reclaimed at once; one with some only when room is needed, and the
+    /// sum is then reported as lost.
+    pub fn pending_total(&self) -> (u64, f64) {
+        let (mut n, mut sum) = (0u64, 0.0f64);
+        for s in 0..self.slots {
+            if state(self.slot(s, S_META).load(Acquire)) != READY {
+                continue;
+            }
+            let d = self.slot(s, S_DELTA).load(Acquire);
+            if d != TOMB && f64::from_bits(d) != 0.0 {
+                n += 1;
+                sum += f64::from_bits(d).abs();
+            }
+        }
+        (n, sum)
+    }
+
     /// Reaps every registry entry whose pid is dead: their in-flight
     /// records become reported losses. Returns how many were reaped.
     pub fn reap_dead(&self, alive: &dyn Fn(u32) -> bool) -> usize {

@@ -1,46 +1,59 @@
-//! Where the shared stage lives: a block of the dict's own shared zone,
-//! allocated with nginx's slab allocator, found again through a reserved
-//! key in the dict.
+//! Where the shared stages live: the stage zone, a `lua_shared_dict` of the
+//! module's own (`lua_shared_dict resty_counter_stage 16m;`), never the
+//! counter dicts, which hold exactly what the original module puts there.
 //!
 //! Part of the FFI layer (nginx imports). It relies on nginx core's public
-//! module ABI only (FACTS.md, "nginx core ABI that modules may rely on"):
+//! module ABI only:
 //! - `ngx_shm_zone_t { void *data; ngx_shm_t shm; ... }` and
 //!   `ngx_shm_t { u_char *addr; size_t size; ngx_str_t name; ... }`, where
-//!   `shm.addr` is the zone's `ngx_slab_pool_t *`;
+//!   `shm.addr` is the zone's `ngx_slab_pool_t *` (same in nginx 1.22 and
+//!   1.29);
 //! - the exported `ngx_slab_calloc` / `ngx_slab_free`, which take the
 //!   pool's mutex themselves;
 //!
-//! and on lua-nginx-module's exported ffi functions only (`udata_to_zone`
-//! for the zone, `shdict_incr`/`shdict_store` for the reserved key). What it
-//! relies on is checked before use (the zone's name is the dict's name, its
-//! size and address are plausible, the symbols exist); anything unexpected
-//! is an [`AttachError`] and the caller stays on the direct path.
+//! and on lua-nginx-module's exported ffi functions (through `shdict.rs`).
+//! What it relies on is checked before use (the stage zone's name is the
+//! one the shim names, sizes and addresses are plausible, the symbols
+//! exist); anything unexpected is an [`AttachError`] and the caller stays on
+//! the direct path.
 //!
-//! Lifetime: the block belongs to the zone, so it survives `nginx -s
-//! reload` with the dict's contents and goes away with the zone. The
-//! reserved key holds the block's offset from `shm.addr`; the first worker
-//! to ADD it wins, the others free their block and use the winner's.
+//! The stage zone holds one directory (`directory.rs`) and one region per
+//! counter dict, each a stage (`stage.rs`). The directory is found through
+//! the key [`DIRECTORY_KEY`] of the stage zone; if that key is missing or
+//! does not hold the directory's offset (deleted, `flush_all`, set by
+//! someone), the zone's page starts are scanned for it and the key is put
+//! back, so neither the directory nor the regions it tracks are ever lost.
+//! Lifetime: everything belongs to the stage zone, so it survives
+//! `nginx -s reload` while the zone keeps its name and size, and goes away
+//! with the zone.
 
-use std::ffi::{c_char, c_int, c_long, c_void};
-use std::ptr::{self, NonNull};
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
-use crate::shdict::{IncrFn, StoreFn, UdataToZoneFn};
+use crate::directory::{self, DirError, Directory, Ident, Region, Regions, Usage};
+use crate::flush::DictError;
+use crate::shdict::{ShDict, lookup};
 use crate::stage::{HEADER_WORDS, LayoutError, Params, Stage, Worker};
 
-/// The dict key under which the stage's offset is kept. It starts with a
-/// NUL byte, which `get_keys` users do not produce by accident.
-pub const RESERVED_KEY: &[u8] = b"\0resty.counter.stage";
+/// The stage zone's key that holds the directory's offset.
+pub const DIRECTORY_KEY: &[u8] = b"resty.counter.directory";
 /// Key size of a stage made here: keys up to 160 bytes are staged, longer
 /// ones take the direct path.
 pub const KEY_WORDS: usize = 20;
 /// Registry entries: workers (old and new ones during a reload) that may
 /// use one stage at once.
 pub const REGISTRY: usize = 128;
-/// Smallest stage worth making, in bytes.
+/// Smallest region worth making, in bytes.
 pub const MIN_STAGE_BYTES: usize = 64 << 10;
-/// Largest stage made, in bytes.
+/// Largest region made, in bytes.
 pub const MAX_STAGE_BYTES: usize = 64 << 20;
+/// The directory's block: two pages, so the slab allocator gives it a page
+/// start, which is where a scan looks.
+const DIRECTORY_BYTES: usize = 8192;
+/// How long an attach waits for another worker's directory lock.
+const LOCK_WAIT: Duration = Duration::from_millis(20);
 
 /// `ngx_str_t`.
 #[repr(C)]
@@ -67,88 +80,225 @@ struct NgxShmZone {
 type SlabAllocFn = unsafe extern "C" fn(pool: *mut c_void, size: usize) -> *mut c_void;
 type SlabFreeFn = unsafe extern "C" fn(pool: *mut c_void, p: *mut c_void);
 
-use crate::shdict::{LUA_TNUMBER, NGX_OK, SHDICT_ADD};
-
 /// Why the stage cannot be used; the caller stays on the direct path and
 /// logs one WARN with [`AttachError::message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachError {
-    /// No lua-nginx-module shdict entry points in this process.
-    NoSymbol,
     /// No `ngx_slab_calloc`/`ngx_slab_free` exported by this nginx.
     NoSlab,
-    /// `dict[1]` did not lead to a zone.
+    /// A `dict[1]` did not lead to a zone.
     BadZone,
-    /// The zone's name is not the dict's: the struct layout is not the one
-    /// this file expects.
+    /// The stage zone's name is not the one asked for: the struct layout
+    /// is not the one this file expects.
     NameMismatch,
-    /// The zone's size or address is implausible.
+    /// A zone's size or address is implausible.
     Implausible,
-    /// The zone is too small for a stage of [`MIN_STAGE_BYTES`].
+    /// The stage zone is the counter dict itself.
+    SameZone,
+    /// The stage zone cannot hold a directory and one smallest region.
     ZoneTooSmall,
-    /// The slab allocator had no room for the stage.
+    /// No room in the stage zone for this dict's region, even after
+    /// reclaiming orphans.
     NoMemory,
-    /// The reserved key holds something that is not a valid offset.
+    /// The directory key holds something that is no directory, and the
+    /// zone has none.
     BadOffset,
-    /// The block at the offset is not a stage of this layout and pool.
+    /// The region of this dict does not check out.
     BadStage(LayoutError),
     /// The stage's registry is full of live workers.
     RegistryFull,
-    /// The dict refused the reserved key (full, or not a number).
+    /// The stage zone refused the directory key.
     Dict,
+    /// Another worker held the directory's lock for too long.
+    Busy,
+    /// Every directory entry serves a live dict.
+    DirectoryFull,
 }
 
 impl AttachError {
     /// A static message for the log line.
     pub fn message(self) -> &'static std::ffi::CStr {
         match self {
-            AttachError::NoSymbol => c"no lua-nginx-module shdict entry points",
             AttachError::NoSlab => c"nginx exports no ngx_slab_calloc/ngx_slab_free",
             AttachError::BadZone => c"no shared zone behind the dict",
-            AttachError::NameMismatch => c"the zone's name is not the dict's (unknown nginx ABI)",
-            AttachError::Implausible => c"the zone's size or address is implausible",
-            AttachError::ZoneTooSmall => c"the dict is too small for a stage",
-            AttachError::NoMemory => c"no room in the dict's zone for the stage",
-            AttachError::BadOffset => c"the reserved key does not hold a stage offset",
-            AttachError::BadStage(_) => c"the stage header does not match",
+            AttachError::NameMismatch => {
+                c"the stage zone's name is not the one asked for (unknown nginx ABI)"
+            }
+            AttachError::Implausible => c"a zone's size or address is implausible",
+            AttachError::SameZone => c"the stage zone is the counter dict itself",
+            AttachError::ZoneTooSmall => c"the stage zone is too small (64 KiB at least)",
+            AttachError::NoMemory => c"no room left in the stage zone for this dict",
+            AttachError::BadOffset => {
+                c"the stage zone's key resty.counter.directory holds no directory (delete it)"
+            }
+            AttachError::BadStage(_) => c"this dict's region of the stage zone does not match",
             AttachError::RegistryFull => c"the stage's worker registry is full",
-            AttachError::Dict => c"the dict refused the reserved key",
+            AttachError::Dict => c"the stage zone refused the directory key",
+            AttachError::Busy => c"another worker held the stage zone's directory",
+            AttachError::DirectoryFull => c"the stage zone serves 64 dicts already",
         }
     }
 
-    /// Whether a later attach may succeed: the zone may get room (keys
-    /// expire or are deleted, another worker's block gets published), the
-    /// registry frees entries as old workers exit, the dict may take the
-    /// reserved key. The others are facts about this nginx or this dict.
+    /// Whether a later attach may succeed: room may come back (orphans are
+    /// reclaimed as old workers exit), the registry frees entries, a lock
+    /// is given back, a bad key deleted. The others are facts about this
+    /// nginx or its configuration.
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            AttachError::NoMemory | AttachError::RegistryFull | AttachError::Dict
+            AttachError::NoMemory
+                | AttachError::RegistryFull
+                | AttachError::Dict
+                | AttachError::Busy
+                | AttachError::BadOffset
+                | AttachError::DirectoryFull
         )
     }
 }
 
-/// The nginx entry points an attach uses.
+/// A zone's memory: its start (the slab pool) and size.
+#[derive(Debug, Clone, Copy)]
+struct Mem {
+    addr: usize,
+    size: usize,
+}
+
+impl Mem {
+    /// `words` words at `offset`, if they lie inside the zone, aligned.
+    fn words(&self, offset: u64, words: usize) -> Option<&'static [AtomicU64]> {
+        let offset = usize::try_from(offset).ok()?;
+        let end = offset.checked_add(words.checked_mul(8)?)?;
+        if offset % 8 != 0 || offset < 64 || end > self.size {
+            return None;
+        }
+        // SAFETY: the range is 8-aligned and inside a zone that stays
+        // mapped for the worker's life (checked above); the module's blocks
+        // there are only ever accessed atomically, by every worker.
+        Some(unsafe { std::slice::from_raw_parts((self.addr + offset) as *const AtomicU64, words) })
+    }
+}
+
+/// The slab allocator of the stage zone.
 #[derive(Clone, Copy)]
-struct Entries {
-    incr: IncrFn,
-    store: StoreFn,
+struct Slab {
+    pool: Mem,
     calloc: SlabAllocFn,
     free: SlabFreeFn,
 }
 
-/// This worker's view of a dict's stage.
+impl Slab {
+    fn find() -> Result<Self, AttachError> {
+        let (Some(calloc), Some(free)) = (lookup("ngx_slab_calloc"), lookup("ngx_slab_free"))
+        else {
+            return Err(AttachError::NoSlab);
+        };
+        // SAFETY: nginx core's exported functions, whose C signatures are
+        // these fn types (nginx 1.22 through 1.29).
+        let (calloc, free) = unsafe {
+            (
+                std::mem::transmute::<*mut c_void, SlabAllocFn>(calloc.as_ptr()),
+                std::mem::transmute::<*mut c_void, SlabFreeFn>(free.as_ptr()),
+            )
+        };
+        Ok(Slab {
+            pool: Mem { addr: 0, size: 0 },
+            calloc,
+            free,
+        })
+    }
+
+    /// `bytes` zeroed bytes of the pool: their offset, checked to lie
+    /// inside the zone.
+    fn alloc(&self, bytes: usize) -> Option<u64> {
+        // SAFETY: pool.addr is the stage zone's ngx_slab_pool_t (shm.addr,
+        // as lua-nginx-module's zone init casts it); calloc locks the pool.
+        let p = unsafe { (self.calloc)(self.pool.addr as *mut c_void, bytes) } as usize;
+        if p == 0 {
+            return None;
+        }
+        let off = p.wrapping_sub(self.pool.addr);
+        if p % 8 != 0 || p <= self.pool.addr || off + bytes > self.pool.size {
+            self.free(off as u64);
+            return None;
+        }
+        Some(off as u64)
+    }
+
+    fn free(&self, offset: u64) {
+        let p = self.pool.addr + offset as usize;
+        // SAFETY: p came from this pool's calloc (offsets given back are
+        // only those `alloc` returned and the directory recorded).
+        unsafe { (self.free)(self.pool.addr as *mut c_void, p as *mut c_void) };
+    }
+}
+
+/// The directory's [`Regions`] over the stage zone.
+struct ZoneRegions {
+    slab: Slab,
+}
+
+impl ZoneRegions {
+    fn stage(&self, r: Region, id: &Ident) -> Result<Stage<'static>, AttachError> {
+        let words = usize::try_from(r.bytes).unwrap_or(0) / 8;
+        let w = self
+            .slab
+            .pool
+            .words(r.offset, words.max(HEADER_WORDS))
+            .ok_or(AttachError::BadOffset)?;
+        Stage::attach(w, id.anchor).map_err(AttachError::BadStage)
+    }
+}
+
+impl Regions for ZoneRegions {
+    fn alloc(&mut self, bytes: u64) -> Option<u64> {
+        self.slab.alloc(usize::try_from(bytes).ok()?)
+    }
+
+    fn free(&mut self, offset: u64) {
+        self.slab.free(offset);
+    }
+
+    fn init(&mut self, r: Region, id: &Ident) -> bool {
+        let words = r.bytes as usize / 8;
+        let Some(w) = self.slab.pool.words(r.offset, words) else {
+            return false;
+        };
+        let params = Params {
+            slots: Params::slots_for(words, KEY_WORDS, REGISTRY),
+            key_words: KEY_WORDS,
+            registry: REGISTRY,
+            seed: random_seed(),
+            anchor: id.anchor,
+        };
+        Stage::init(w, params).is_ok()
+    }
+
+    fn usage(&mut self, r: Region, id: &Ident) -> Usage {
+        match self.stage(r, id) {
+            Err(_) => Usage::Untrusted,
+            Ok(st) if st.has_live_worker(&alive) => Usage::InUse,
+            Ok(st) => {
+                let (pending, sum) = st.pending_total();
+                Usage::Orphan { pending, sum }
+            }
+        }
+    }
+}
+
+/// This worker's view of one counter dict's stage.
 pub struct ZoneStage {
-    /// The stage, over the zone's memory (mapped for the worker's life).
+    /// The stage, over the stage zone's memory (mapped for the worker's life).
     pub stage: Stage<'static>,
     /// This worker's registry entry.
     pub worker: Worker,
-    /// Offset of the stage from the zone's start (`shm.addr`).
-    pub offset: usize,
-    /// Whether this worker's block won the ADD.
+    /// The region, in the stage zone.
+    pub region: Region,
+    /// Whether this worker made the region.
     pub created: bool,
-    zone: NonNull<c_void>,
-    entries: Entries,
+    dir: Directory<'static>,
+    dir_offset: u64,
+    key: ShDict,
+    slab: Slab,
 }
 
 impl std::fmt::Debug for ZoneStage {
@@ -156,32 +306,25 @@ impl std::fmt::Debug for ZoneStage {
         f.debug_struct("ZoneStage")
             .field("stage", &self.stage)
             .field("worker", &self.worker)
-            .field("offset", &self.offset)
+            .field("region", &self.region)
             .field("created", &self.created)
             .finish_non_exhaustive()
     }
 }
 
-fn lookup(name: &str) -> Option<NonNull<c_void>> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads
-    // the process's symbol tables.
-    NonNull::new(unsafe { libc::dlsym(libc::RTLD_DEFAULT, cname.as_ptr()) })
-}
-
-/// Bytes of stage for a zone of `zone_size` bytes: an eighth of the zone
-/// (the rest stays the users' keys), at most [`MAX_STAGE_BYTES`]; 0 when
-/// that is under [`MIN_STAGE_BYTES`]. `asked` (non-zero: the `stage_bytes`
-/// option) replaces the eighth, still within the bounds and at most half
-/// the zone.
-pub fn stage_bytes_for(zone_size: usize, asked: usize) -> usize {
+/// Default region for a counter dict of `dict_size` bytes: twice its size,
+/// which at 192 bytes a slot and a 70% fill stages every counter such a
+/// dict holds before its first eviction (about 130 bytes each for
+/// 45-byte keys), within [`MIN_STAGE_BYTES`] and [`MAX_STAGE_BYTES`].
+/// `asked` (non-zero: the `stage_bytes` option) replaces it, in the same
+/// bounds.
+pub fn stage_bytes_for(dict_size: usize, asked: usize) -> usize {
     let want = if asked == 0 {
-        zone_size / 8
+        dict_size.saturating_mul(2)
     } else {
-        asked.min(zone_size / 2)
+        asked
     };
-    let b = want.min(MAX_STAGE_BYTES) & !4095;
-    if b < MIN_STAGE_BYTES { 0 } else { b }
+    want.clamp(MIN_STAGE_BYTES, MAX_STAGE_BYTES) & !4095
 }
 
 /// Whether a pid exists (`kill(pid, 0)`; EPERM counts as alive). A reused
@@ -227,201 +370,131 @@ fn random_seed() -> u64 {
     }
 }
 
-/// The zone's start and size, checked: the zone's name must be the dict's
-/// (which proves the struct layout), the size plausible, the address
-/// page-aligned (nginx maps zones with mmap).
+/// A zone's memory and name, checked for plausibility: an address that is
+/// page-aligned (nginx maps zones with mmap), a size between 8 KiB and 1 TiB,
+/// a name of at most 4 KiB.
 ///
 /// # Safety
 /// `zone` must be the `ngx_shm_zone_t *` lua-nginx-module returned for a
 /// live dict.
-unsafe fn zone_memory(
-    zone: NonNull<c_void>,
-    dict_name: &[u8],
-) -> Result<(usize, usize), AttachError> {
+unsafe fn zone_memory(zone: NonNull<c_void>) -> Result<(Mem, &'static [u8]), AttachError> {
     // SAFETY: zone points at an ngx_shm_zone_t, whose leading fields are
     // NgxShmZone's (nginx core ABI, same in 1.22 and 1.29); only read.
     let z = unsafe { &*zone.as_ptr().cast::<NgxShmZone>() };
     let name = &z.shm.name;
-    if name.data.is_null() || name.len != dict_name.len() || name.len > 4096 {
+    if name.data.is_null() || name.len == 0 || name.len > 4096 {
         return Err(AttachError::NameMismatch);
     }
     // SAFETY: name.data points at name.len bytes of the configured zone
     // name, which lives as long as the cycle (checked non-NULL above).
-    let stored = unsafe { std::slice::from_raw_parts(name.data, name.len) };
-    if stored != dict_name {
-        return Err(AttachError::NameMismatch);
-    }
-    let addr = z.shm.addr as usize;
-    let size = z.shm.size;
-    if addr == 0 || addr % 4096 != 0 || !(8192..=1 << 40).contains(&size) {
+    let name = unsafe { std::slice::from_raw_parts(name.data, name.len) };
+    let mem = Mem {
+        addr: z.shm.addr as usize,
+        size: z.shm.size,
+    };
+    if mem.addr == 0 || mem.addr % 4096 != 0 || !(8192..=1 << 40).contains(&mem.size) {
         return Err(AttachError::Implausible);
     }
-    Ok((addr, size))
-}
-
-/// The stage at `offset` in the zone, validated.
-///
-/// # Safety
-/// `addr`/`size` must be a live zone's memory, mapped for the worker's life.
-unsafe fn stage_at(addr: usize, size: usize, offset: usize) -> Result<Stage<'static>, AttachError> {
-    if offset % 8 != 0 || offset < 64 || offset + HEADER_WORDS * 8 > size {
-        return Err(AttachError::BadOffset);
-    }
-    let base = (addr + offset) as *const AtomicU64;
-    // SAFETY: base is 8-aligned inside the zone with HEADER_WORDS words
-    // before its end (checked above); zone memory stays mapped and is only
-    // accessed atomically by every worker.
-    let head = unsafe { std::slice::from_raw_parts(base, HEADER_WORDS) };
-    let total = Stage::stored_words(head).ok_or(AttachError::BadOffset)?;
-    if total < HEADER_WORDS || total > (size - offset) / 8 {
-        return Err(AttachError::BadStage(LayoutError::TooSmall));
-    }
-    // SAFETY: as above, with total words inside the zone (checked).
-    let words = unsafe { std::slice::from_raw_parts(base, total) };
-    Stage::attach(words, addr as u64).map_err(AttachError::BadStage)
+    Ok((mem, name))
 }
 
 impl ZoneStage {
-    /// Finds or makes the stage of the dict whose `dict[1]` is
-    /// `zone_udata`, and registers this worker in it.
+    /// Finds or makes, in the stage zone whose `dict[1]` is `stage_udata`
+    /// and whose name is `stage_name`, the region of the counter dict
+    /// `dict` writes into, and registers this worker in it.
     ///
     /// # Safety
-    /// `zone_udata` must be NULL or `dict[1]` of a live shared dict named
-    /// `dict_name`.
+    /// `stage_udata` must be NULL or `dict[1]` of a live shared dict of the
+    /// same subsystem as `dict`.
     pub unsafe fn attach(
-        subsystem: &[u8],
-        zone_udata: *mut c_void,
-        dict_name: &[u8],
-        asked_bytes: usize,
-    ) -> Result<Self, AttachError> {
-        if zone_udata.is_null() {
-            return Err(AttachError::BadZone);
-        }
-        let prefixes: &[&str] = match subsystem {
-            b"stream" => &["ngx_stream_lua", "ngx_meta_lua"],
-            _ => &["ngx_http_lua", "ngx_meta_lua"],
-        };
-        let (Some(calloc), Some(free)) = (lookup("ngx_slab_calloc"), lookup("ngx_slab_free"))
-        else {
-            return Err(AttachError::NoSlab);
-        };
-        for prefix in prefixes {
-            let (Some(incr), Some(store)) = (
-                lookup(&format!("{prefix}_ffi_shdict_incr")),
-                lookup(&format!("{prefix}_ffi_shdict_store")),
-            ) else {
-                continue;
-            };
-            // SAFETY: these are nginx's and lua-nginx-module's exported
-            // functions, whose C signatures are the fn types named here.
-            let entries = unsafe {
-                Entries {
-                    incr: std::mem::transmute::<*mut c_void, IncrFn>(incr.as_ptr()),
-                    store: std::mem::transmute::<*mut c_void, StoreFn>(store.as_ptr()),
-                    calloc: std::mem::transmute::<*mut c_void, SlabAllocFn>(calloc.as_ptr()),
-                    free: std::mem::transmute::<*mut c_void, SlabFreeFn>(free.as_ptr()),
-                }
-            };
-            let zone = match lookup(&format!("{prefix}_ffi_shdict_udata_to_zone")) {
-                Some(f) => {
-                    // SAFETY: same module, signature UdataToZoneFn.
-                    let f: UdataToZoneFn = unsafe { std::mem::transmute(f.as_ptr()) };
-                    // SAFETY: zone_udata is dict[1] of a live dict.
-                    unsafe { f(zone_udata) }
-                }
-                None => zone_udata,
-            };
-            let zone = NonNull::new(zone).ok_or(AttachError::BadZone)?;
-            // SAFETY: zone came from the module for a live dict.
-            return unsafe { Self::attach_zone(zone, dict_name, entries, asked_bytes) };
-        }
-        Err(AttachError::NoSymbol)
-    }
-
-    /// # Safety
-    /// `zone` must be a live dict's `ngx_shm_zone_t *`; `entries` nginx's.
-    unsafe fn attach_zone(
-        zone: NonNull<c_void>,
-        dict_name: &[u8],
-        entries: Entries,
+        dict: &ShDict,
+        stage_udata: *mut c_void,
+        stage_name: &[u8],
         asked_bytes: usize,
     ) -> Result<Self, AttachError> {
         // SAFETY: forwarded contract.
-        let (addr, size) = unsafe { zone_memory(zone, dict_name) }?;
-        let mut made = None;
-        for _ in 0..3 {
-            if let Some(offset) = read_offset(zone, entries)? {
-                if let Some((p, _)) = made {
-                    // Another worker's block won: ours goes back.
-                    // SAFETY: p came from ngx_slab_calloc on this pool and
-                    // nobody else knows it.
-                    unsafe { (entries.free)(addr as *mut c_void, p) };
-                }
-                // SAFETY: addr/size are the live zone's.
-                let stage = unsafe { stage_at(addr, size, offset) }?;
-                return Self::finish(stage, offset, false, zone, entries);
-            }
-            let (p, stage) = match made {
-                Some(m) => m,
-                None => match make_stage(addr, size, entries, asked_bytes) {
-                    Ok(m) => {
-                        made = Some(m);
-                        m
-                    }
-                    // Workers start together: the block that took the room
-                    // may be another worker's stage, published meanwhile.
-                    Err(AttachError::NoMemory) => match read_offset(zone, entries)? {
-                        Some(_) => continue,
-                        None => return Err(AttachError::NoMemory),
-                    },
-                    Err(e) => return Err(e),
-                },
-            };
-            let offset = p as usize - addr;
-            match add_offset(zone, entries, offset)? {
-                true => return Self::finish(stage, offset, true, zone, entries),
-                false => continue, // "exists": read the winner's
-            }
+        let mut key = unsafe { dict.sibling(stage_udata) }.map_err(|_| AttachError::BadZone)?;
+        // SAFETY: both zones came from the module for live dicts.
+        let ((pool, name), (dmem, dname)) =
+            unsafe { (zone_memory(key.zone())?, zone_memory(dict.zone())?) };
+        // The stage zone's name is the one the shim passed: this proves the
+        // struct layout, which the dict's zone shares.
+        if name != stage_name {
+            return Err(AttachError::NameMismatch);
         }
-        if let Some((p, _)) = made {
-            // SAFETY: as above: ours, unpublished.
-            unsafe { (entries.free)(addr as *mut c_void, p) };
+        if pool.addr == dmem.addr {
+            return Err(AttachError::SameZone);
         }
-        Err(AttachError::Dict)
-    }
-
-    fn finish(
-        stage: Stage<'static>,
-        offset: usize,
-        created: bool,
-        zone: NonNull<c_void>,
-        entries: Entries,
-    ) -> Result<Self, AttachError> {
-        let worker = stage
-            .register(my_pid(), &alive)
-            .ok_or(AttachError::RegistryFull)?;
+        if pool.size < DIRECTORY_BYTES + MIN_STAGE_BYTES + 8192 {
+            return Err(AttachError::ZoneTooSmall);
+        }
+        let mut slab = Slab::find()?;
+        slab.pool = pool;
+        let (dir, dir_offset) = find_directory(&mut key, slab)?;
+        let me = my_pid();
+        let deadline = Instant::now() + LOCK_WAIT;
+        let locked = dir
+            .lock(me, &alive, || {
+                std::thread::yield_now();
+                Instant::now() < deadline
+            })
+            .ok_or(AttachError::Busy)?;
+        let id = Ident::new(dmem.addr as u64, dmem.size as u64, dname);
+        let mut regions = ZoneRegions { slab };
+        let (region, created) = match locked.find(&id) {
+            Some(r) => (r, false),
+            None => {
+                let want = stage_bytes_for(dmem.size, asked_bytes) as u64;
+                let (r, _swept) = locked
+                    .insert(&id, want, MIN_STAGE_BYTES as u64, &mut regions)
+                    .map_err(|e| match e {
+                        DirError::Full => AttachError::DirectoryFull,
+                        DirError::NoRoom => AttachError::NoMemory,
+                        DirError::Init | DirError::BadHeader => {
+                            AttachError::BadStage(LayoutError::BadParams)
+                        }
+                    })?;
+                (r, true)
+            }
+        };
+        let stage = regions.stage(region, &id)?;
+        // Registered while the lock is held: a sweep never sees this
+        // region without its new worker.
+        let worker = stage.register(me, &alive).ok_or(AttachError::RegistryFull)?;
+        drop(locked);
         Ok(ZoneStage {
             stage,
             worker,
-            offset,
+            region,
             created,
-            zone,
-            entries,
+            dir,
+            dir_offset,
+            key,
+            slab,
         })
     }
 
-    /// Makes sure the reserved key still names this stage: after an LRU
-    /// eviction or `flush_all` it is added again (this worker keeps its
-    /// cached pointer either way). Returns `Ok(true)` if it had to re-add.
-    /// If another stage's offset is there by now (a worker that came up
-    /// while the key was missing made one), both stages stay in use: each
-    /// is folded by its own lease holder; see docs/DESIGN.md.
-    pub fn ensure_key(&self) -> Result<bool, AttachError> {
-        if read_offset(self.zone, self.entries)?.is_some() {
-            return Ok(false);
+    /// Housekeeping at the end of a fold round: frees the regions of dicts
+    /// nobody uses any more (empty orphans; skipped when another worker
+    /// holds the directory), and puts the directory key back if it went
+    /// missing or was overwritten. Returns the regions freed.
+    pub fn tend(&mut self) -> u32 {
+        if self.key.read_number(DIRECTORY_KEY) != Ok(Some(self.dir_offset as f64)) {
+            let _ = self.key.set_number(DIRECTORY_KEY, self.dir_offset as f64);
         }
-        add_offset(self.zone, self.entries, self.offset)?;
-        Ok(true)
+        let Some(locked) = self.dir.lock(self.worker.pid(), &alive, || false) else {
+            return 0;
+        };
+        let mut regions = ZoneRegions { slab: self.slab };
+        locked.sweep(&mut regions, false).freed
+    }
+
+    /// Live regions in the stage zone and their bytes, and the deltas lost
+    /// with orphans reclaimed under pressure (count, magnitude), all time.
+    pub fn zone_report(&self) -> (u64, u64, u64, f64) {
+        let (regions, bytes) = self.dir.usage();
+        let (n, sum) = self.dir.orphans_lost();
+        (regions, bytes, n, sum)
     }
 
     /// Unregisters this worker and gives the lease up (worker exit).
@@ -431,119 +504,72 @@ impl ZoneStage {
     }
 }
 
-/// Allocates and initialises a stage block from the zone's slab pool.
-fn make_stage(
-    addr: usize,
-    size: usize,
-    entries: Entries,
-    asked_bytes: usize,
-) -> Result<(*mut c_void, Stage<'static>), AttachError> {
-    let bytes = stage_bytes_for(size, asked_bytes);
-    if bytes == 0 {
-        return Err(AttachError::ZoneTooSmall);
-    }
-    // SAFETY: addr is the zone's ngx_slab_pool_t (shm.addr, as
-    // lua-nginx-module's zone init casts it); calloc locks the pool.
-    let p = unsafe { (entries.calloc)(addr as *mut c_void, bytes) };
-    if p.is_null() {
-        return Err(AttachError::NoMemory);
-    }
-    let off = p as usize - addr;
-    if p as usize % 8 != 0 || p as usize <= addr || off + bytes > size {
-        // SAFETY: p came from this pool's calloc.
-        unsafe { (entries.free)(addr as *mut c_void, p) };
-        return Err(AttachError::Implausible);
-    }
-    let words = bytes / 8;
-    // SAFETY: p is 8-aligned, zeroed, `bytes` long inside the zone, and
-    // only this worker knows it until its offset is published.
-    let region = unsafe { std::slice::from_raw_parts(p as *const AtomicU64, words) };
-    let params = Params {
-        slots: Params::slots_for(words, KEY_WORDS, REGISTRY),
-        key_words: KEY_WORDS,
-        registry: REGISTRY,
-        seed: random_seed(),
-        anchor: addr as u64,
+/// The stage zone's directory: where its key says, else where a scan of
+/// the zone finds it (the key is then put back), else a new one, published
+/// by ADD so that exactly one of the workers starting together makes it.
+fn find_directory(key: &mut ShDict, slab: Slab) -> Result<(Directory<'static>, u64), AttachError> {
+    let pool = slab.pool;
+    let at = |offset: u64| {
+        let w = pool.words(offset, directory::WORDS)?;
+        Directory::attach(w, pool.addr as u64, offset).ok()
     };
-    match Stage::init(region, params) {
-        Ok(st) => Ok((p, st)),
-        Err(e) => {
-            // SAFETY: as above.
-            unsafe { (entries.free)(addr as *mut c_void, p) };
-            Err(AttachError::BadStage(e))
+    for _ in 0..3 {
+        // Missing (None), a number, or something else (Some(None)).
+        let stored = match key.read_number(DIRECTORY_KEY) {
+            Ok(v) => v.map(Some),
+            Err(DictError::NotANumber) => Some(None),
+            Err(_) => return Err(AttachError::Dict),
+        };
+        let offset = stored
+            .flatten()
+            .filter(|v| v.fract() == 0.0 && *v >= 0.0 && *v < 1e15);
+        if let Some(d) = offset.and_then(|o| at(o as u64)) {
+            return Ok((d, offset.unwrap_or(0.0) as u64));
         }
-    }
-}
-
-/// Reads the reserved key with `incr(key, 0)` (no init): the offset, or
-/// `None` when the key is missing.
-fn read_offset(zone: NonNull<c_void>, e: Entries) -> Result<Option<usize>, AttachError> {
-    let mut value = 0.0f64;
-    let mut err: *mut c_char = ptr::null_mut();
-    let mut forcible: c_int = 0;
-    // SAFETY: zone is a live dict's; the key is a static slice; every
-    // out-pointer points at a local.
-    let rc = unsafe {
-        (e.incr)(
-            zone.as_ptr(),
-            RESERVED_KEY.as_ptr(),
-            RESERVED_KEY.len(),
-            &mut value,
-            &mut err,
-            0,
-            0.0,
-            0 as c_long,
-            &mut forcible,
-        )
-    };
-    if rc == NGX_OK {
-        if !(value.is_finite() && value >= 0.0 && value.fract() == 0.0 && value < 1e15) {
+        if let Some(o) = scan(pool) {
+            let d = at(o).ok_or(AttachError::BadOffset)?;
+            key.set_number(DIRECTORY_KEY, o as f64)
+                .map_err(|_| AttachError::Dict)?;
+            return Ok((d, o));
+        }
+        if stored.is_some() {
+            // Something else is under the key, and the zone holds no
+            // directory: never overwrite what we did not write.
             return Err(AttachError::BadOffset);
         }
-        return Ok(Some(value as usize));
-    }
-    if message(err) == b"not found" {
-        return Ok(None);
-    }
-    Err(AttachError::Dict)
-}
-
-/// ADDs the reserved key: `Ok(false)` when it exists already.
-fn add_offset(zone: NonNull<c_void>, e: Entries, offset: usize) -> Result<bool, AttachError> {
-    let mut err: *mut c_char = ptr::null_mut();
-    let mut forcible: c_int = 0;
-    // SAFETY: as in read_offset; a number store reads no string buffer.
-    let rc = unsafe {
-        (e.store)(
-            zone.as_ptr(),
-            SHDICT_ADD,
-            RESERVED_KEY.as_ptr(),
-            RESERVED_KEY.len(),
-            LUA_TNUMBER,
-            ptr::null(),
-            0,
-            offset as f64,
-            0,
-            0,
-            &mut err,
-            &mut forcible,
-        )
-    };
-    if rc == NGX_OK {
-        return Ok(true);
-    }
-    if message(err) == b"exists" {
-        return Ok(false);
+        let o = slab.alloc(DIRECTORY_BYTES).ok_or(AttachError::NoMemory)?;
+        let w = pool.words(o, directory::WORDS).ok_or(AttachError::Implausible)?;
+        let d = Directory::init(w, pool.addr as u64, o).map_err(|_| AttachError::Implausible)?;
+        match key.add_number(DIRECTORY_KEY, o as f64) {
+            Ok(true) => return Ok((d, o)),
+            won_or_failed => {
+                // Another worker's directory won (or the key could not be
+                // stored): ours must never be found by a scan.
+                d.retract();
+                slab.free(o);
+                won_or_failed.map_err(|_| AttachError::Dict)?;
+            }
+        }
     }
     Err(AttachError::Dict)
 }
 
-fn message(err: *mut c_char) -> &'static [u8] {
-    if err.is_null() {
-        return b"";
-    }
-    // SAFETY: on error the module sets *err to a static C string.
-    unsafe { std::ffi::CStr::from_ptr(err) }.to_bytes()
+/// The one directory in the zone, found by its header at a page start
+/// (where the slab allocator puts a two-page block): the magic, and the
+/// zone's address and its own offset written in it. A directory that lost
+/// the race to be published was retracted before it was freed, so only the
+/// published one matches.
+fn scan(pool: Mem) -> Option<u64> {
+    (4096..pool.size as u64)
+        .step_by(4096)
+        .find(|&o| pool.words(o, 1).is_some_and(|w| looks_like_directory(pool, w, o)))
+}
+
+fn looks_like_directory(pool: Mem, first: &[AtomicU64], offset: u64) -> bool {
+    first[0].load(std::sync::atomic::Ordering::Acquire) == directory::MAGIC
+        && pool
+            .words(offset, directory::WORDS)
+            .is_some_and(|w| Directory::attach(w, pool.addr as u64, offset).is_ok())
 }
 
 #[cfg(test)]
@@ -551,98 +577,96 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stage_size_is_a_bounded_quarter_of_the_zone() {
-        assert_eq!(stage_bytes_for(256 << 10, 0), 0, "too small");
-        assert_eq!(stage_bytes_for(512 << 10, 0), 64 << 10);
-        assert_eq!(stage_bytes_for(16 << 20, 0), 2 << 20);
+    fn region_size_is_twice_the_dict_within_bounds() {
+        assert_eq!(stage_bytes_for(12 << 10, 0), MIN_STAGE_BYTES, "at least");
+        assert_eq!(stage_bytes_for(1 << 20, 0), 2 << 20);
+        assert_eq!(stage_bytes_for(5 << 20, 0), 10 << 20);
         assert_eq!(stage_bytes_for(1 << 30, 0), MAX_STAGE_BYTES);
         assert_eq!(stage_bytes_for(16 << 20, 1 << 20), 1 << 20, "asked");
-        assert_eq!(stage_bytes_for(1 << 20, 1 << 30), 512 << 10, "half at most");
-        assert_eq!(stage_bytes_for(16 << 20, 1000), 0, "asked too little");
+        assert_eq!(stage_bytes_for(16 << 20, 1000), MIN_STAGE_BYTES, "asked too little");
         let slots = Params::slots_for((4 << 20) / 8, KEY_WORDS, REGISTRY);
         assert!(slots > 18_000, "{slots} slots in 4 MiB");
     }
 
-    #[test]
-    fn the_zone_is_checked_before_use() {
-        let name = b"counters";
-        let mut page = vec![0u8; 3 * 4096];
-        let aligned = (page.as_mut_ptr() as usize + 4095) & !4095;
-        let mut z = NgxShmZone {
-            data: ptr::null_mut(),
+    fn zone_struct(aligned: usize, size: usize, name: &[u8]) -> NgxShmZone {
+        NgxShmZone {
+            data: std::ptr::null_mut(),
             shm: NgxShm {
                 addr: aligned as *mut u8,
-                size: 8192,
+                size,
                 name: NgxStr {
                     len: name.len(),
                     data: name.as_ptr(),
                 },
             },
-        };
+        }
+    }
+
+    #[test]
+    fn a_zone_is_checked_before_use() {
+        let mut page = vec![0u8; 3 * 4096];
+        let aligned = (page.as_mut_ptr() as usize + 4095) & !4095;
+        let mut z = zone_struct(aligned, 8192, b"counters");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) zp points at a NgxShmZone with a valid name.
-        unsafe {
-            assert_eq!(zone_memory(zp, b"counters"), Ok((aligned, 8192)));
-            assert_eq!(zone_memory(zp, b"counter"), Err(AttachError::NameMismatch));
-            assert_eq!(zone_memory(zp, b"Counters"), Err(AttachError::NameMismatch));
-        }
-        z.shm.addr = (aligned + 8) as *mut u8;
+        let (mem, name) = unsafe { zone_memory(zp) }.unwrap();
+        assert_eq!((mem.addr, mem.size, name), (aligned, 8192, &b"counters"[..]));
+        let mut z = zone_struct(aligned + 8, 8192, b"counters");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above.
-        let r = unsafe { zone_memory(zp, b"counters") };
-        assert_eq!(r, Err(AttachError::Implausible));
+        assert_eq!(unsafe { zone_memory(zp) }.unwrap_err(), AttachError::Implausible);
+        let mut z = zone_struct(aligned, 8192, b"");
+        let zp = NonNull::from(&mut z).cast();
+        // SAFETY: (test) as above; an empty name is refused before it is read.
+        assert_eq!(unsafe { zone_memory(zp) }.unwrap_err(), AttachError::NameMismatch);
     }
 
     #[test]
-    fn a_stage_is_found_only_at_a_valid_offset_with_its_anchor() {
-        let words: Vec<AtomicU64> = (0..4096).map(|_| AtomicU64::new(0)).collect();
-        let addr = words.as_ptr() as usize;
-        let size = words.len() * 8;
-        let p = Params {
-            slots: 16,
-            key_words: 2,
-            registry: 2,
-            seed: 1,
-            anchor: addr as u64,
+    fn words_are_handed_out_only_inside_the_zone_and_aligned() {
+        let words: Vec<AtomicU64> = (0..1024).map(|_| AtomicU64::new(0)).collect();
+        let m = Mem {
+            addr: words.as_ptr() as usize,
+            size: words.len() * 8,
         };
-        Stage::init(&words[16..], p).unwrap();
-        // SAFETY: (test) addr/size describe `words`, alive for the test.
-        unsafe {
-            assert!(stage_at(addr, size, 128).is_ok());
-            assert_eq!(
-                stage_at(addr, size, 129).unwrap_err(),
-                AttachError::BadOffset
-            );
-            assert_eq!(
-                stage_at(addr, size, size).unwrap_err(),
-                AttachError::BadOffset
-            );
-            assert_eq!(
-                stage_at(addr, size, 256).unwrap_err(),
-                AttachError::BadStage(LayoutError::TooSmall)
-            );
-        }
-        words[16 + 6].store(addr as u64 + 1, std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: (test) as above.
-        let r = unsafe { stage_at(addr, size, 128) };
-        assert_eq!(
-            r.unwrap_err(),
-            AttachError::BadStage(LayoutError::BadAnchor)
-        );
+        assert!(m.words(64, 8).is_some());
+        assert!(m.words(65, 8).is_none(), "unaligned");
+        assert!(m.words(0, 8).is_none(), "the pool header");
+        assert!(m.words(8192 - 64, 8).is_some());
+        assert!(m.words(8192 - 56, 8).is_none(), "past the end");
+        assert!(m.words(u64::MAX - 7, 8).is_none(), "overflow");
     }
 
     #[test]
-    fn attach_outside_nginx_refuses() {
-        let mut byte = 0u8;
-        // SAFETY: (test) no entry point exists, so the pointer is not read.
-        let r = unsafe { ZoneStage::attach(b"http", (&mut byte as *mut u8).cast(), b"x", 0) };
-        assert!(matches!(
-            r,
-            Err(AttachError::NoSlab | AttachError::NoSymbol)
-        ));
-        // SAFETY: (test) NULL is refused first.
-        let r = unsafe { ZoneStage::attach(b"http", ptr::null_mut(), b"x", 0) };
-        assert_eq!(r.unwrap_err(), AttachError::BadZone);
+    fn a_scan_finds_only_a_published_directory() {
+        let words: Vec<AtomicU64> = (0..(16 << 10)).map(|_| AtomicU64::new(0)).collect();
+        // The stand-in zone must be page-aligned like nginx's.
+        let base = (words.as_ptr() as usize + 4095) & !4095;
+        let skip = (base - words.as_ptr() as usize) / 8;
+        let m = Mem {
+            addr: base,
+            size: (words.len() - skip - 512) * 8,
+        };
+        assert_eq!(scan(m), None);
+        let w = m.words(3 * 4096, directory::WORDS).unwrap();
+        let d = Directory::init(w, base as u64, 3 * 4096).unwrap();
+        assert_eq!(scan(m), Some(3 * 4096));
+        // A copy at another page (its own offset does not match) is not one.
+        let w2 = m.words(5 * 4096, directory::WORDS).unwrap();
+        for (a, b) in w.iter().zip(w2) {
+            b.store(a.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+        }
+        d.retract();
+        assert_eq!(scan(m), None, "retracted, and the copy names another offset");
+    }
+
+    #[test]
+    fn transient_errors_are_the_ones_a_later_sync_may_fix() {
+        assert!(AttachError::NoMemory.is_transient());
+        assert!(AttachError::Busy.is_transient());
+        assert!(AttachError::BadOffset.is_transient());
+        assert!(!AttachError::SameZone.is_transient());
+        assert!(!AttachError::ZoneTooSmall.is_transient());
+        assert!(!AttachError::NameMismatch.is_transient());
     }
 
     #[test]

@@ -21,7 +21,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 7
+local ABI_VERSION = 8
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -34,7 +34,7 @@ local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
 local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 
 local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
-local STAGED = 0 -- resty_counter_stage_publish: in the stage
+local STAGED, STAGE_FULL = 0, 1 -- resty_counter_stage_publish: in it, full
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 local FOLD_FIELDS = 3
 local BATCH = 256 -- keys per resty_counter_stage_publish_batch
@@ -144,9 +144,9 @@ int32_t resty_counter_flusher_stats(resty_counter_flusher *h,
 typedef struct resty_counter_stage resty_counter_stage;
 const char *resty_counter_stage_strerror(int32_t code);
 int32_t resty_counter_stage_transient(int32_t code);
-resty_counter_stage *resty_counter_stage_attach(const unsigned char *subsystem,
-    size_t subsystem_len, void *zone_udata, const unsigned char *name,
-    size_t name_len, double stage_bytes, int32_t *err);
+resty_counter_stage *resty_counter_stage_attach(resty_counter_flusher *f,
+    void *stage_udata, const unsigned char *stage_name, size_t stage_name_len,
+    double stage_bytes, int32_t *err);
 void resty_counter_stage_free(resty_counter_stage *h);
 int32_t resty_counter_stage_publish(resty_counter_stage *h,
     const unsigned char *key, size_t key_len, double delta);
@@ -157,9 +157,11 @@ int32_t resty_counter_stage_fold(resty_counter_stage *h,
     resty_counter_flusher *f, int32_t whole, uint32_t lease_ms, double budget,
     double *out);
 typedef struct {
-    double offset, anchor, slots, key_bytes, created, lease_owner, published,
-           folded, full, too_long, reclaimed, lost_events, lost_amount, fill,
-           fold_rounds, takeovers, my_folded, pid;
+    double offset, region_bytes, anchor, slots, key_bytes, created,
+           lease_owner, published, folded, full, too_long, reclaimed,
+           lost_events, lost_amount, fill, fold_rounds, takeovers, my_folded,
+           pid, zone_regions, zone_region_bytes, orphans_lost_events,
+           orphans_lost_amount;
 } resty_counter_stage_report;
 int32_t resty_counter_stage_info(resty_counter_stage *h,
     resty_counter_stage_report *out);
@@ -301,16 +303,23 @@ local function new_native_handle(dict, name)
     end)
 end
 
--- The dict's shared stage (src/stage.rs, docs/DESIGN.md), attached at this
--- worker's first native sync, never in the master. Off by default with one
--- worker (writing directly is cheaper there); { stage = true/false } in
--- new() decides instead. false: the direct path, after one WARN if the
--- stage cannot be had. An attach that may succeed later (no room in the
--- zone yet: workers start together, and the block that took the room may
--- be another worker's stage) is tried again at a later sync, at most once
+-- The dict's shared stage (src/stage.rs, docs/DESIGN.md): a region of the
+-- stage zone, a lua_shared_dict of the module's own (STAGE_ZONE unless
+-- new() names another in opts.stage_dict), so the counter dict holds only
+-- counters. Attached at this worker's first native sync, never in the
+-- master. Off with one worker (writing directly is cheaper there) and
+-- without a stage zone; { stage = true/false } in new() decides instead.
+-- One NOTICE per worker and dict says which mode runs. An attach that may
+-- succeed later (no room yet: old workers' regions are reclaimed as they
+-- exit; the directory busy) is tried again at a later sync, at most once
 -- per STAGE_RETRY seconds; meanwhile this worker writes directly, and says
 -- so from the second failure on.
+local STAGE_ZONE = "resty_counter_stage"
 local STAGE_RETRY = 1
+
+local function mode_notice(self, level, ...)
+    ngx.log(level, 'resty.counter: shared dict "', self.name, '": ', ...)
+end
 
 local function stage_of(self)
     local st = self.stage
@@ -321,11 +330,35 @@ local function stage_of(self)
         return false
     end
     local want = self.stage_opt
+    local workers = ngx.worker.count()
     if want == nil then
-        want = ngx.worker.count() > 1
+        want = workers > 1
     end
-    if not want then
+    local zone_name = self.stage_dict or STAGE_ZONE
+    local zone = ngx.shared[zone_name]
+    if not want or not zone then
         self.stage = false
+        if not want then
+            mode_notice(
+                self,
+                ngx.NOTICE,
+                "each sync writes into the dict directly (",
+                workers == 1 and "one worker" or "stage = false",
+                ")"
+            )
+        else
+            mode_notice(
+                self,
+                self.stage_opt and ngx.WARN or ngx.NOTICE,
+                workers,
+                " workers each write into the dict directly: no stage zone;",
+                ' "lua_shared_dict ',
+                zone_name,
+                ' 16m;" in the ',
+                ngx.config.subsystem or "http",
+                " block makes one write per key per interval"
+            )
+        end
         return false
     end
     local now = ngx.now()
@@ -333,13 +366,12 @@ local function stage_of(self)
         return false
     end
     self.stage_tried = now
-    local l, sub, name = lib, ngx.config.subsystem or "http", self.name
+    local l = lib
     local h = l.resty_counter_stage_attach(
-        sub,
-        #sub,
-        self.dict[1],
-        name,
-        #name,
+        self.handle,
+        zone[1],
+        zone_name,
+        #zone_name,
         self.stage_bytes or 0,
         int32_out
     )
@@ -347,14 +379,15 @@ local function stage_of(self)
         local code = int32_out[0]
         local again = l.resty_counter_stage_transient(code) == 1
         -- A transient failure is logged from the second on: the first is
-        -- usually workers that started together racing for the room.
+        -- usually workers that started together waiting for each other.
         self.stage_fails = (self.stage_fails or 0) + 1
         if not self.stage_warned and (not again or self.stage_fails > 1) then
             self.stage_warned = true
-            ngx.log(
+            mode_notice(
+                self,
                 ngx.WARN,
-                'resty.counter: no shared stage in shared dict "',
-                name,
+                'no shared stage in zone "',
+                zone_name,
                 '" (',
                 ffi.string(l.resty_counter_stage_strerror(code)),
                 "): this worker writes its counts into the dict directly",
@@ -367,17 +400,34 @@ local function stage_of(self)
         end
         return false
     end
-    if self.stage_warned then
-        ngx.log(
-            ngx.NOTICE,
-            'resty.counter: this worker uses the shared stage of shared dict "',
-            name,
-            '" now'
-        )
-    end
     self.stage = ffi.gc(h, function(p)
         l.resty_counter_stage_free(p)
     end)
+    local r = l.resty_counter_stage_info(h, info_out) == 0 and info_out
+    mode_notice(
+        self,
+        ngx.NOTICE,
+        workers,
+        ' workers share a stage in zone "',
+        zone_name,
+        '" (',
+        r and tonumber(r.slots) or "?",
+        " slots)",
+        self.stage_warned and " now" or ""
+    )
+    if r and r.orphans_lost_events > 0 then
+        ngx.log(
+            ngx.ERR,
+            'resty.counter: stage zone "',
+            zone_name,
+            '": ',
+            tonumber(r.orphans_lost_events),
+            " staged deltas (sum ",
+            tonumber(r.orphans_lost_amount),
+            ") were lost with regions whose workers were all killed,",
+            " reclaimed to make room"
+        )
+    end
     return self.stage
 end
 
@@ -426,6 +476,22 @@ local function report(self, key, rc, tally)
     end
 end
 
+-- Says once per worker and dict that the stage's region is full: what does
+-- not fit is written directly, exactly; stats().stage_full counts it.
+local function full_once(self)
+    if self.full_logged then
+        return
+    end
+    self.full_logged = true
+    mode_notice(
+        self,
+        ngx.WARN,
+        "the shared stage is full: keys that do not fit are written into",
+        " the dict directly (see stats().stage_full); a larger stage zone,",
+        " or opts.stage_bytes, stages them"
+    )
+end
+
 -- Publishes the first m pairs of the batch arrays in one call; writes the
 -- ones the stage refuses (full, too long) directly.
 local function publish_batch(self, st, m, tally)
@@ -446,6 +512,9 @@ local function publish_batch(self, st, m, tally)
         if staged >= 0 and batch_rcs[i] == STAGED then
             self.published = self.published + 1
         else
+            if staged >= 0 and batch_rcs[i] == STAGE_FULL then
+                full_once(self)
+            end
             local key = batch_strs[i]
             self.fallback_writes = self.fallback_writes + 1
             local rc = add(h, key, #key, batch_deltas[i])
@@ -1035,6 +1104,13 @@ local function check_opts(opts)
     if b ~= nil and (type(b) ~= "number" or not (b >= 1) or b == math_huge) then
         error("expect options.stage_bytes to be a positive number", 3)
     end
+    local z = opts.stage_dict
+    if z ~= nil and (type(z) ~= "string" or not ngx.shared[z]) then
+        error(
+            'options.stage_dict: shared dict "' .. tostring(z) .. '" not defined',
+            3
+        )
+    end
     return opts
 end
 
@@ -1067,6 +1143,9 @@ function _M.new(shdict_name, sync_interval, error_metric_name, opts)
         end
         if opts.stage_bytes and not self.stage_bytes then
             self.stage_bytes = opts.stage_bytes
+        end
+        if opts.stage_dict and not self.stage_dict then
+            self.stage_dict = opts.stage_dict
         end
     end
 
@@ -1221,27 +1300,8 @@ function _M.get(self, key)
     return self.dict:get(key)
 end
 
--- The shared stage's reserved key (src/zone.rs) is the library's, not a
--- counter: left out here.
-local STAGE_KEY = "\0resty.counter.stage"
-
 function _M.get_keys(self, max_count)
-    if not self.native then
-        return self.dict:get_keys(max_count)
-    end
-    local n = tonumber(max_count) or 1024
-    local keys = self.dict:get_keys(n > 0 and n + 1 or n)
-    for i = 1, #keys do
-        if keys[i] == STAGE_KEY then
-            keys[i] = keys[#keys]
-            keys[#keys] = nil
-            break
-        end
-    end
-    if n > 0 and #keys > n then
-        keys[#keys] = nil
-    end
-    return keys
+    return self.dict:get_keys(max_count)
 end
 
 -- What this worker holds and has done for this dict; see the README.
@@ -1274,6 +1334,8 @@ function _M.stats(self)
             s.lease_held = r.lease_owner == r.pid
             s.stage_fill = r.fill
             s.stage_slots = r.slots
+            s.stage_full = r.full
+            s.stage_orphans_lost = r.orphans_lost_amount
             s.lost_in_flight = r.lost_amount
             s.lost_in_flight_events = r.lost_events
         else

@@ -1,12 +1,12 @@
 -- The shared stage in a real nginx with 2+ workers (run by
--- spec/run-in-nginx): every worker attaches to the same block of the
--- dict's zone, publishes into it, and one fold puts the exact sums into
--- the dict.
+-- spec/run-in-nginx): every worker attaches to the same region of the
+-- stage zone, publishes into it, and one fold puts the exact sums into the
+-- dict, which holds nothing but the counters.
 
 local stage = require("spec.support.stage")
 local http = require("spec.support.http")
 
-local RESERVED_KEY = "\0resty.counter.stage"
+local DIRECTORY_KEY = "resty.counter.directory"
 
 -- GET /__stage until `enough(seen)` holds or the deadline passes; `seen`
 -- maps a worker pid to the list of its answers.
@@ -69,14 +69,14 @@ describe("the shared stage in nginx", function()
         assert.is_true(workers >= 2, "run with --workers 2 or more")
     end)
 
-    it("every worker attaches to the same block of the dict's zone", function()
+    it("every worker attaches to the same region of the stage zone", function()
         local h = assert(stage.attach("stage"))
         local mine = stage.info(h)
         assert.is_true(mine.offset > 0)
-        -- An eighth of the 4 MiB zone, 192 bytes per slot.
-        assert.is_true(mine.slots > 2500, "slots " .. mine.slots)
+        -- Twice the 4 MiB dict, 192 bytes per slot.
+        assert.equal(8 * 1024 * 1024, mine.region_bytes)
+        assert.is_true(mine.slots > 40000, "slots " .. mine.slots)
         assert.equal(160, mine.key_bytes)
-        assert.equal(mine.offset, dict:get(RESERVED_KEY))
         local seen = poll(function()
             return "/__stage"
         end, function(s)
@@ -88,6 +88,22 @@ describe("the shared stage in nginx", function()
                 assert.equal(mine.offset, a.offset)
                 assert.equal(mine.anchor, a.anchor)
             end
+        end
+    end)
+
+    it("leaves the counter dict holding nothing but the counters", function()
+        local h = assert(stage.attach("stage"))
+        fold_all(h)
+        local key = "only-counters-" .. ngx.worker.pid() .. "-" .. ngx.now()
+        assert.equal(0, stage.publish(h, key, 3))
+        fold_all(h)
+        assert.equal(3, dict:get(key))
+        for _, k in ipairs(dict:get_keys(0)) do
+            assert.is_truthy(
+                k:find("^stage%-spec%-") or k:find("^only%-counters%-")
+                    or k:find("^published%-then%-sync%-"),
+                "a key that is no counter: " .. ("%q"):format(k)
+            )
         end
     end)
 
@@ -135,30 +151,49 @@ describe("the shared stage in nginx", function()
     )
 
     it(
-        "a reserved key evicted or deleted is added again by the folder",
+        "a directory key deleted or overwritten is put back, and no second"
+            .. " directory is made",
         function()
+            local zone = ngx.shared.resty_counter_stage
             local h = assert(stage.attach("stage"))
-            local offset = stage.info(h).offset
-            dict:delete(RESERVED_KEY)
-            assert.is_nil(dict:get(RESERVED_KEY))
-            fold_all(h)
-            assert.equal(offset, dict:get(RESERVED_KEY))
+            local offset = zone:get(DIRECTORY_KEY)
+            assert.is_true(offset > 0)
+            -- Overwritten: a new handle (as a new worker would) finds the
+            -- directory by scanning the zone and puts the key back.
+            zone:set(DIRECTORY_KEY, 12345)
+            local h2 = assert(stage.attach("counters2"))
+            assert.equal(offset, zone:get(DIRECTORY_KEY))
+            -- Deleted: likewise.
+            zone:delete(DIRECTORY_KEY)
+            local h3 = assert(stage.attach("stats"))
+            assert.equal(offset, zone:get(DIRECTORY_KEY))
+            -- A string under the key: the folder's round end puts it back.
+            zone:set(DIRECTORY_KEY, "not a number")
+            local c = require("resty.counter").new("stage")
+            assert.is_true(c:sync())
+            assert.equal(offset, zone:get(DIRECTORY_KEY))
+            assert.is_true(stage.info(h2).zone_regions >= 3)
+            assert.equal(stage.info(h).zone_regions, stage.info(h3).zone_regions)
         end
     )
 
     it(
-        "falls back when the dict is too small or the zone is not the dict's",
+        "falls back when the stage zone is too small, is not the one named,"
+            .. " or is the counter dict",
         function()
-            local h, code, msg = stage.attach("stage_tiny")
+            local h, code, msg = stage.attach("stage", "stage_zone_tiny")
             assert.is_nil(h)
-            assert.equal("the dict is too small for a stage", msg, code)
-            h, code, msg = stage.attach("stage", "stage2")
+            assert.equal("the stage zone is too small (64 KiB at least)", msg, code)
+            h, code, msg = stage.attach("stage", "stage2", "resty_counter_stage")
             assert.is_nil(h)
             assert.equal(
-                "the zone's name is not the dict's (unknown nginx ABI)",
+                "the stage zone's name is not the one asked for (unknown nginx ABI)",
                 msg,
                 code
             )
+            h, code, msg = stage.attach("stage", "stage")
+            assert.is_nil(h)
+            assert.equal("the stage zone is the counter dict itself", msg, code)
         end
     )
 

@@ -3,6 +3,9 @@
 --
 --   local stage = require "spec.support.stage"
 --   local h, err = stage.attach("stage")     -- handle, or nil, code, message
+--                                            -- (its region of the stage zone
+--                                            -- resty_counter_stage, or of
+--                                            -- the zone named second)
 --   stage.publish(h, key, delta)             -- 0 staged, 1 full, 2 too long
 --   stage.fold(h, lease_ms)                  -- written count or negative code
 --                                            -- (folds through a flusher of
@@ -18,6 +21,7 @@ local _M = {}
 -- The fields of resty_counter_stage_report (the shim's cdef).
 local INFO = {
     "offset",
+    "region_bytes",
     "anchor",
     "slots",
     "key_bytes",
@@ -35,6 +39,10 @@ local INFO = {
     "takeovers",
     "my_folded",
     "pid",
+    "zone_regions",
+    "zone_region_bytes",
+    "orphans_lost_events",
+    "orphans_lost_amount",
 }
 
 local lib
@@ -60,22 +68,35 @@ function _M.strerror(code)
     return ffi.string(_M.lib().resty_counter_stage_strerror(code))
 end
 
--- Attaches under `name` the dict `dict_name` (they differ only to test the
--- zone-name check); cached per name.
-function _M.attach(dict_name, name)
-    name = name or dict_name
-    local key = dict_name .. "\0" .. name
+-- Attaches the dict `dict_name` to its region of the stage zone
+-- `zone_name` (default resty_counter_stage), or of the dict `zone_udata`
+-- comes from while the zone is named `zone_name` (to test the name check);
+-- cached per pair.
+function _M.attach(dict_name, zone_name, zone_udata_of)
+    zone_name = zone_name or "resty_counter_stage"
+    local key = dict_name .. "\0" .. zone_name .. "\0" .. (zone_udata_of or "")
     if handles[key] then
         return handles[key]
     end
     local l = _M.lib(dict_name)
     local sub = ngx.config.subsystem or "http"
+    local f = assert(
+        l.resty_counter_flusher_new(
+            sub,
+            #sub,
+            ngx.shared[dict_name][1],
+            err_out
+        )
+    )
+    f = ffi.gc(f, function(p)
+        l.resty_counter_flusher_free(p)
+    end)
+    local zone = ngx.shared[zone_udata_of or zone_name]
     local h = l.resty_counter_stage_attach(
-        sub,
-        #sub,
-        ngx.shared[dict_name][1],
-        name,
-        #name,
+        f,
+        zone[1],
+        zone_name,
+        #zone_name,
         0,
         err_out
     )
@@ -85,17 +106,7 @@ function _M.attach(dict_name, name)
     h = ffi.gc(h, function(p)
         l.resty_counter_stage_free(p)
     end)
-    local f = assert(
-        l.resty_counter_flusher_new(
-            sub,
-            #sub,
-            ngx.shared[dict_name][1],
-            err_out
-        )
-    )
-    flushers[h] = ffi.gc(f, function(p)
-        l.resty_counter_flusher_free(p)
-    end)
+    flushers[h] = f
     handles[key] = h
     return h
 end
