@@ -28,7 +28,7 @@ test: deps build test-rust test-lua test-nginx test-integration test-examples \
 test-rust:
 	$(CARGO) test --locked
 	RUSTFLAGS="--cfg loom" $(CARGO) test --locked --release --lib \
-	    --target-dir target/loom stage::loom
+	    --target-dir target/loom loom
 
 # Pure-Lua specs (stub dicts, no nginx) under LuaJIT and plain Lua 5.1/5.2,
 # as Kong's and nginx-lua-prometheus's unit tests run them.

@@ -235,7 +235,10 @@ impl<'a> Directory<'a> {
             let cur = cell.load(Acquire);
             let free_or_dead = cur == 0 || cur == me || !alive(cur as u32);
             if free_or_dead && cell.compare_exchange(cur, me, AcqRel, Acquire).is_ok() {
-                return Some(Locked { dir: *self, pid: me });
+                return Some(Locked {
+                    dir: *self,
+                    pid: me,
+                });
             }
             if !free_or_dead && !again() {
                 return None;
@@ -399,7 +402,6 @@ impl Locked<'_> {
         set(E_STATE, LIVE);
         Ok((region, swept))
     }
-
 }
 
 fn add(a: Swept, b: Swept) -> Swept {
@@ -423,7 +425,7 @@ fn try_sizes(want: u64, min: u64, regions: &mut dyn Regions) -> Option<Region> {
     None
 }
 
-#[cfg(all(test, not(loom)))]
-mod tests;
 #[cfg(all(test, loom))]
 mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;

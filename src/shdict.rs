@@ -312,7 +312,11 @@ impl ShDict {
                 &mut forcible,
             )
         };
-        if rc == NGX_OK { Ok(forcible != 0) } else { Err(err) }
+        if rc == NGX_OK {
+            Ok(forcible != 0)
+        } else {
+            Err(err)
+        }
     }
 }
 

@@ -312,18 +312,16 @@ impl std::fmt::Debug for ZoneStage {
     }
 }
 
-/// Default region for a counter dict of `dict_size` bytes: twice its size,
-/// which at 192 bytes a slot and a 70% fill stages every counter such a
-/// dict holds before its first eviction (about 130 bytes each for
-/// 45-byte keys), within [`MIN_STAGE_BYTES`] and [`MAX_STAGE_BYTES`].
-/// `asked` (non-zero: the `stage_bytes` option) replaces it, in the same
-/// bounds.
+/// Default region for a counter dict of `dict_size` bytes: half its size,
+/// within [`MIN_STAGE_BYTES`] and [`MAX_STAGE_BYTES`]. At 192 bytes a slot
+/// and a 70% fill that stages about a quarter of the ~45-byte-key counters
+/// such a dict can hold, which is more than most deployments touch in one
+/// interval; a fold visits every slot of the region each interval, so a
+/// region much larger than the live keys costs CPU for nothing. Keys that
+/// do not fit are written directly, exactly. `asked` (non-zero: the
+/// `stage_bytes` option) replaces it, in the same bounds.
 pub fn stage_bytes_for(dict_size: usize, asked: usize) -> usize {
-    let want = if asked == 0 {
-        dict_size.saturating_mul(2)
-    } else {
-        asked
-    };
+    let want = if asked == 0 { dict_size / 2 } else { asked };
     want.clamp(MIN_STAGE_BYTES, MAX_STAGE_BYTES) & !4095
 }
 
@@ -460,7 +458,9 @@ impl ZoneStage {
         let stage = regions.stage(region, &id)?;
         // Registered while the lock is held: a sweep never sees this
         // region without its new worker.
-        let worker = stage.register(me, &alive).ok_or(AttachError::RegistryFull)?;
+        let worker = stage
+            .register(me, &alive)
+            .ok_or(AttachError::RegistryFull)?;
         drop(locked);
         Ok(ZoneStage {
             stage,
@@ -538,7 +538,9 @@ fn find_directory(key: &mut ShDict, slab: Slab) -> Result<(Directory<'static>, u
             return Err(AttachError::BadOffset);
         }
         let o = slab.alloc(DIRECTORY_BYTES).ok_or(AttachError::NoMemory)?;
-        let w = pool.words(o, directory::WORDS).ok_or(AttachError::Implausible)?;
+        let w = pool
+            .words(o, directory::WORDS)
+            .ok_or(AttachError::Implausible)?;
         let d = Directory::init(w, pool.addr as u64, o).map_err(|_| AttachError::Implausible)?;
         match key.add_number(DIRECTORY_KEY, o as f64) {
             Ok(true) => return Ok((d, o)),
@@ -560,9 +562,10 @@ fn find_directory(key: &mut ShDict, slab: Slab) -> Result<(Directory<'static>, u
 /// the race to be published was retracted before it was freed, so only the
 /// published one matches.
 fn scan(pool: Mem) -> Option<u64> {
-    (4096..pool.size as u64)
-        .step_by(4096)
-        .find(|&o| pool.words(o, 1).is_some_and(|w| looks_like_directory(pool, w, o)))
+    (4096..pool.size as u64).step_by(4096).find(|&o| {
+        pool.words(o, 1)
+            .is_some_and(|w| looks_like_directory(pool, w, o))
+    })
 }
 
 fn looks_like_directory(pool: Mem, first: &[AtomicU64], offset: u64) -> bool {
@@ -577,13 +580,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn region_size_is_twice_the_dict_within_bounds() {
+    fn region_size_is_half_the_dict_within_bounds() {
         assert_eq!(stage_bytes_for(12 << 10, 0), MIN_STAGE_BYTES, "at least");
-        assert_eq!(stage_bytes_for(1 << 20, 0), 2 << 20);
-        assert_eq!(stage_bytes_for(5 << 20, 0), 10 << 20);
+        assert_eq!(stage_bytes_for(1 << 20, 0), 512 << 10);
+        assert_eq!(stage_bytes_for(5 << 20, 0), (5 << 20) / 2);
         assert_eq!(stage_bytes_for(1 << 30, 0), MAX_STAGE_BYTES);
         assert_eq!(stage_bytes_for(16 << 20, 1 << 20), 1 << 20, "asked");
-        assert_eq!(stage_bytes_for(16 << 20, 1000), MIN_STAGE_BYTES, "asked too little");
+        assert_eq!(
+            stage_bytes_for(16 << 20, 1000),
+            MIN_STAGE_BYTES,
+            "asked too little"
+        );
         let slots = Params::slots_for((4 << 20) / 8, KEY_WORDS, REGISTRY);
         assert!(slots > 18_000, "{slots} slots in 4 MiB");
     }
@@ -610,15 +617,24 @@ mod tests {
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) zp points at a NgxShmZone with a valid name.
         let (mem, name) = unsafe { zone_memory(zp) }.unwrap();
-        assert_eq!((mem.addr, mem.size, name), (aligned, 8192, &b"counters"[..]));
+        assert_eq!(
+            (mem.addr, mem.size, name),
+            (aligned, 8192, &b"counters"[..])
+        );
         let mut z = zone_struct(aligned + 8, 8192, b"counters");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above.
-        assert_eq!(unsafe { zone_memory(zp) }.unwrap_err(), AttachError::Implausible);
+        assert_eq!(
+            unsafe { zone_memory(zp) }.unwrap_err(),
+            AttachError::Implausible
+        );
         let mut z = zone_struct(aligned, 8192, b"");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above; an empty name is refused before it is read.
-        assert_eq!(unsafe { zone_memory(zp) }.unwrap_err(), AttachError::NameMismatch);
+        assert_eq!(
+            unsafe { zone_memory(zp) }.unwrap_err(),
+            AttachError::NameMismatch
+        );
     }
 
     #[test]
@@ -653,10 +669,17 @@ mod tests {
         // A copy at another page (its own offset does not match) is not one.
         let w2 = m.words(5 * 4096, directory::WORDS).unwrap();
         for (a, b) in w.iter().zip(w2) {
-            b.store(a.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+            b.store(
+                a.load(std::sync::atomic::Ordering::Relaxed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         d.retract();
-        assert_eq!(scan(m), None, "retracted, and the copy names another offset");
+        assert_eq!(
+            scan(m),
+            None,
+            "retracted, and the copy names another offset"
+        );
     }
 
     #[test]

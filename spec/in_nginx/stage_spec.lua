@@ -73,9 +73,13 @@ describe("the shared stage in nginx", function()
         local h = assert(stage.attach("stage"))
         local mine = stage.info(h)
         assert.is_true(mine.offset > 0)
-        -- Twice the 4 MiB dict, 192 bytes per slot.
-        assert.equal(8 * 1024 * 1024, mine.region_bytes)
-        assert.is_true(mine.slots > 40000, "slots " .. mine.slots)
+        -- Half the 4 MiB dict, 192 bytes per slot, after the header and
+        -- the registry of 128 workers.
+        assert.equal(2 * 1024 * 1024, mine.region_bytes)
+        assert.equal(
+            math.floor((mine.region_bytes - 320 - 128 * 64) / 192),
+            mine.slots
+        )
         assert.equal(160, mine.key_bytes)
         local seen = poll(function()
             return "/__stage"

@@ -67,18 +67,11 @@ end
 -- Inside nginx
 ---------------------------------------------------------------------------
 
--- The shared stage's reserved key: the library's entry, not a counter.
-_M.STAGE_KEY = "\0resty.counter.stage"
-
--- Every key of a dict with its value, as "escaped-key value" lines (the
--- shared stage's reserved key left out).
+-- Every key of a dict with its value, as "escaped-key value" lines.
 function _M.dump(dict)
     local lines = {}
     for _, k in ipairs(dict:get_keys(0)) do
-        local v
-        if k ~= _M.STAGE_KEY then
-            v = dict:get(k)
-        end
+        local v = dict:get(k)
         if v ~= nil then
             lines[#lines + 1] = _M.escape(k) .. " " .. num(v)
         end

@@ -1,9 +1,10 @@
 -- The shared stage wired into the automatic sync, in a real nginx.
 --
--- With more than one worker, each worker's sync publishes its buffer into
--- the dict's shared stage, and once per interval the lease holder folds the
--- stage into the dict: one dict write per key per interval, whatever the
--- number of workers. Here:
+-- With more than one worker and a stage zone (lua_shared_dict
+-- resty_counter_stage), each worker's sync publishes its buffer into the
+-- dict's region of the stage zone, and once per interval the lease holder
+-- folds it into the dict: one dict write per key per interval, whatever
+-- the number of workers. Here:
 --   * 4 workers dirty the same K keys every interval: counts exact, and the
 --     dict writes (keys_flushed summed over the workers) per interval stay
 --     within 1.05 K, where the direct path makes 4 K;
@@ -13,16 +14,16 @@
 --     what the killed workers can have had buffered;
 --   * a stage too small for the keys sends the overflow down the direct
 --     path: exact counts;
---   * { stage = false }, and 1 worker, take the direct path;
---   * a dict too small for a stage falls back, with one WARN per worker,
---     and counts exactly;
+--   * { stage = false }, 1 worker, and no stage zone take the direct path,
+--     each with one NOTICE per worker that says so;
+--   * a stage zone too small for a stage falls back, with one WARN per
+--     worker, and counts exactly;
 --   * key churn (every round new keys, 9 times as many as the stage has
 --     slots over the run): idle slots are reclaimed, so the stage keeps
 --     taking the new keys instead of filling up and sending them down the
 --     direct path; exact counts;
---   * a zone with no room for the stage at the first sync (another worker's
---     block, or the users' keys, fill it): the workers write directly and
---     attach at a later sync once there is room or a stage to find.
+--   * a stage zone with no room at the first sync: the workers write
+--     directly and attach at a later sync once there is room.
 
 local nginx = require("spec.support.nginx")
 local H = require("spec.integration.helpers")
@@ -32,9 +33,14 @@ local INTERVAL = 0.1
 
 -- Every worker adds 1 to keys k1..kK once per interval for `rounds`
 -- rounds (a timer), and copies its stats into the `meta` dict under
--- "<field>:<pid>" each interval.
-local function bump_http(dict_size, k, rounds, opts, rotate)
-    return [[
+-- "<field>:<pid>" each interval. The stage zone is `zone` large (default
+-- 16m; false: none).
+local function bump_http(dict_size, k, rounds, opts, rotate, zone)
+    if zone == nil then
+        zone = "16m"
+    end
+    return (zone and "  lua_shared_dict resty_counter_stage " .. zone .. ";\n" or "")
+        .. [[
   lua_shared_dict counters ]] .. dict_size .. [[;
   lua_shared_dict meta 1m;
   init_worker_by_lua_block {
@@ -171,6 +177,22 @@ describe("#integration the shared stage in the sync", function()
             assert.is_true(sum(m2.published) > 0)
             assert.equal(0, sum(m2.fallback))
             assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+            local _, body = srv:get("/dump?d=counters")
+            local keys = 0
+            for key in pairs(H.parse_dump(body)) do
+                assert.truthy(key:match("^k%d+$"), "not a counter: " .. key)
+                keys = keys + 1
+            end
+            assert.equal(K, keys, "the dict holds the counters, nothing else")
+            assert.equal(
+                WORKERS,
+                H.count_matches(
+                    srv:error_log(),
+                    'shared dict "counters": 4 workers share a stage in zone '
+                        .. '"resty_counter_stage"'
+                ),
+                "one NOTICE per worker"
+            )
             assert.same({}, H.crash_lines(srv:error_log()))
         end
     )
@@ -224,16 +246,53 @@ describe("#integration the shared stage in the sync", function()
         assert.equal(0, sum(m.stage))
         assert.equal(0, sum(m.published))
         assert.is_nil(srv:error_log():find("no shared stage", 1, true))
+        assert.equal(
+            1,
+            H.count_matches(
+                srv:error_log(),
+                'shared dict "counters": each sync writes into the dict '
+                    .. "directly (one worker)"
+            )
+        )
     end)
 
     it(
-        "a dict too small for a stage: one WARN per worker, exact counts",
+        "no stage zone: the direct path, and one NOTICE per worker with the "
+            .. "line that turns the stage on",
         function()
             local K, ROUNDS = 500, 20
             srv = nginx.start({
                 workers = WORKERS,
                 server = DUMP,
-                http = bump_http("300k", K, ROUNDS, "nil"),
+                http = bump_http("4m", K, ROUNDS, "nil", false, false),
+            })
+            assert.same({}, exact(srv, WORKERS, K, ROUNDS))
+            local m = meta(srv)
+            assert.equal(0, sum(m.stage))
+            local log = srv:error_log()
+            assert.equal(
+                WORKERS,
+                H.count_matches(
+                    log,
+                    'shared dict "counters": 4 workers '
+                        .. "each write into the dict directly: no stage zone; "
+                        .. '"lua_shared_dict resty_counter_stage 16m;" in the '
+                        .. "http block makes one write per key per interval"
+                )
+            )
+            assert.is_nil(log:find("[warn]", 1, true), "a NOTICE, no WARN")
+            assert.same({}, H.crash_lines(log))
+        end
+    )
+
+    it(
+        "a stage zone too small for a stage: one WARN per worker, exact counts",
+        function()
+            local K, ROUNDS = 500, 20
+            srv = nginx.start({
+                workers = WORKERS,
+                server = DUMP,
+                http = bump_http("4m", K, ROUNDS, "nil", false, "64k"),
             })
             assert.same({}, exact(srv, WORKERS, K, ROUNDS))
             local m = meta(srv)
@@ -242,7 +301,9 @@ describe("#integration the shared stage in the sync", function()
             for line in srv:error_log():gmatch("[^\n]+") do
                 if
                     line:find(
-                        'no shared stage in shared dict "counters"',
+                        'shared dict "counters": no shared stage in zone '
+                            .. '"resty_counter_stage" (the stage zone is too '
+                            .. "small (64 KiB at least))",
                         1,
                         true
                     )
@@ -316,19 +377,26 @@ describe("#integration the shared stage in the sync", function()
     )
 
     it(
-        "a zone with no room at the first sync: the workers attach later, "
-            .. "one WARN and one NOTICE each, exact counts",
+        "a stage zone with no room at the first sync: the workers attach "
+            .. "later, one WARN and one NOTICE each, exact counts",
         function()
-            -- The master fills the zone with filler keys, so every worker's
-            -- first attach finds no room; after 10 rounds worker 0 deletes
-            -- them, and every later sync may attach. A worker logs from its
-            -- second failure on (a second apart): the first is most often
-            -- workers starting together and racing for the room.
+            -- The master fills the stage zone with filler keys, so every
+            -- worker's first attach finds no room; after 25 rounds worker 0
+            -- deletes them, and every later sync may attach. A worker logs
+            -- from its second failure on (a second apart): the first is
+            -- most often workers starting together.
             local K, ROUNDS = 50, 40
-            local http = bump_http("4m", K, ROUNDS, "{ stage_bytes = 1048576 }")
-                .. [[
+            local http = bump_http(
+                "4m",
+                K,
+                ROUNDS,
+                "{ stage_bytes = 1048576 }",
+                false,
+                "4m"
+            ) .. [[
   init_by_lua_block {
-    local d, filler = ngx.shared.counters, string.rep("x", 1000)
+    local d = ngx.shared.resty_counter_stage
+    local filler = string.rep("x", 1000)
     local i = 0
     while true do
       i = i + 1
@@ -338,17 +406,13 @@ describe("#integration the shared stage in the sync", function()
         break
       end
     end
-    -- room for the counters' own keys, far less than a stage
-    for j = i - 60, i do
-      d:delete("f" .. j)
-    end
   }
 ]]
             http = http:gsub(
                 'meta:incr%("bumps", 1, 0%)',
                 [[meta:incr("bumps", 1, 0)
         if rounds == 25 and ngx.worker.id() == 0 then
-          local d = ngx.shared.counters
+          local d = ngx.shared.resty_counter_stage
           for _, key in ipairs(d:get_keys(0)) do
             if key:sub(1, 1) == "f" then
               d:delete(key)
@@ -364,16 +428,13 @@ describe("#integration the shared stage in the sync", function()
             local log = srv:error_log()
             local warns = H.count_matches(
                 log,
-                "(no room in the dict's zone for the stage): this worker "
+                "(no room left in the stage zone for this dict): this worker "
                     .. "writes its counts into the dict directly until"
             )
             assert.equal(2, warns, "one WARN per worker")
             assert.equal(
                 warns,
-                H.count_matches(
-                    log,
-                    'uses the shared stage of shared dict "counters" now'
-                )
+                H.count_matches(log, "slots) now")
             )
             assert.same({}, H.crash_lines(log))
         end

@@ -24,8 +24,9 @@
 --   srv:tcp(data?, timeout?) -> one connection to the stream server: sends
 --                            data, reads until nginx closes; body | nil, err
 --   srv:worker_pids()     -> sorted pids of the workers accepting requests
---   srv:reload()          -> HUP; returns once every old worker has exited
+--   srv:reload(opts?)     -> HUP; returns once every old worker has exited
 --                            and the new ones answer; returns their pids
+--                            (opts: a new configuration, as for start)
 --   srv:upgrade()         -> binary upgrade: USR2, then WINCH and QUIT to
 --                            the old master; returns once it is gone and
 --                            the new workers answer; returns the old
@@ -588,9 +589,15 @@ function Server:worker_pids()
 end
 
 -- Sends HUP, then waits until every old worker has exited and the full
--- set of new workers answers. Returns the new worker pids.
-function Server:reload()
+-- set of new workers answers. Returns the new worker pids. With `opts`
+-- (as for start: workers, http, server, ...), the configuration is
+-- rewritten from them first, so the reload changes it.
+function Server:reload(opts)
     local old = self:worker_pids()
+    if opts then
+        self.workers = opts.workers or self.workers
+        write_file(self:conf_path(), render_conf(self, opts))
+    end
     signal(self.master_pid, "HUP")
     local done = wait_until(RELOAD_TIMEOUT, function()
         return wait_gone(old, 0)
