@@ -32,6 +32,7 @@ local function config()
     end
     return {
         http = [[
+      lua_shared_dict resty_counter_stage 16m;
       lua_shared_dict load 16m;
       log_format counted '$pid $uri $arg_k $bytes_sent';
       init_worker_by_lua_block {

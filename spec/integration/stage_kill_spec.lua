@@ -27,6 +27,7 @@ local KILLS = 5
 local BUFFERED = 5 * INTERVAL
 
 local HTTP = [[
+  lua_shared_dict resty_counter_stage 16m;
   lua_shared_dict counters 16m;
   lua_shared_dict meta 1m;
   log_format counted '$pid $msec';

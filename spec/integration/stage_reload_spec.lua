@@ -1,7 +1,7 @@
--- The shared stage survives `nginx -s reload`: it lives in the dict's own
+-- The shared stage survives `nginx -s reload`: it lives in the stage
 -- zone, whose memory nginx reuses. Deltas published by the old workers are
 -- folded by them as they exit (their counter's exit sync folds the whole
--- stage), into the exact sums; the new workers join the same block.
+-- stage), into the exact sums; the new workers join the same region.
 
 local nginx = require("spec.support.nginx")
 local H = require("spec.integration.helpers")
@@ -9,6 +9,7 @@ local H = require("spec.integration.helpers")
 local N = 200
 
 local HTTP = [[
+  lua_shared_dict resty_counter_stage 4m;
   lua_shared_dict stage 4m;
 ]]
 
@@ -68,7 +69,7 @@ describe("the shared stage across nginx -s reload", function()
         local _, first = next(offsets)
         assert.is_true(first)
         local offset = next(offsets)
-        assert.is_nil(next(offsets, offset), "one stage for every worker")
+        assert.is_nil(next(offsets, offset), "one region for every worker")
 
         -- The old workers exit: each folds the whole stage as it goes, so
         -- everything they published is in the dict once they are gone.
@@ -83,7 +84,7 @@ describe("the shared stage across nginx -s reload", function()
         assert.equal(200, status, body)
         local pid, new_offset, rc = body:match("^(%d+) (%d+) (%-?%d+)")
         assert.is_nil(old_pids[pid], "answered by a new worker")
-        assert.equal(offset, new_offset, "the same block after the reload")
+        assert.equal(offset, new_offset, "the same region after the reload")
         assert.equal(0, tonumber(rc), "nothing left to fold: " .. body)
         status, body = srv:get("/get?key=k")
         assert.equal(200, status)

@@ -7,7 +7,7 @@
 --   * the old workers, told to go (WINCH), write their buffers and fold
 --     their stage into the old dict on the way out; nothing is logged lost;
 --   * the new workers make and attach a stage of their own in the new
---     zone, and count exactly from zero;
+--     stage zone, and count exactly from zero;
 --   * no crash, alert or emergency line in the log of either generation.
 
 local nginx = require("spec.support.nginx")
@@ -16,6 +16,7 @@ local H = require("spec.integration.helpers")
 local WORKERS, N1, N2 = 2, 300, 400
 
 local HTTP = [[
+  lua_shared_dict resty_counter_stage 8m;
   lua_shared_dict counters 8m;
   init_worker_by_lua_block {
     counter = require("resty.counter").new("counters", 0.1)

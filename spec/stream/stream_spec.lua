@@ -19,6 +19,7 @@ local N = os.getenv("LONG") and 2000 or 400
 local INTERVAL = 0.2
 
 local STREAM = [[
+  lua_shared_dict resty_counter_stage 8m;
   lua_shared_dict counters 4m;
   lua_shared_dict slow 4m;
   lua_shared_dict tiny 12k;
@@ -188,6 +189,15 @@ describe("resty.counter in a stream {} block", function()
             assert.equal(tostring(N), dict_value(srv, "counters", "hits"))
             assert.equal(tostring(N), dict_value(srv, "counters", "logged"))
             assert.equal("nil", dict_value(srv, "counters", "sync_errors"))
+            assert.equal(
+                "true",
+                eval(
+                    srv,
+                    "return tostring(package.loaded"
+                        .. '["stream_spec.counters"].c:stats().stage)'
+                ),
+                "through the stage zone of the stream block"
+            )
         end
     )
 
