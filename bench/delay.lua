@@ -20,6 +20,7 @@ local KEYS = tonumber(os.getenv("DELAY_KEYS")) or 20000
 local SECS = tonumber(os.getenv("DELAY_SECS")) or 20
 
 local HTTP = [[
+lua_shared_dict resty_counter_stage 16m;
 lua_shared_dict delay 64m;
 init_worker_by_lua_block {
     local c = require("resty.counter").new("delay", ]] .. INTERVAL .. [[)

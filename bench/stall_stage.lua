@@ -44,6 +44,7 @@ end
 local GC = os.getenv("STALL_GC") == "stop" and "stop" or "keep"
 
 local HTTP = [[
+lua_shared_dict resty_counter_stage ${STAGE_MB}m;
 lua_shared_dict stall ${DICT_MB}m;
 lua_shared_dict stall_out 1m;
 init_worker_by_lua_block {
@@ -130,7 +131,7 @@ location = /worst {
 
 local function run(mode)
     local stage = KEYS * 192 * 2 + 1048576
-    local dict_mb = math.ceil(KEYS * 600 / 1e6) + 8 + math.ceil(stage / 2 ^ 20)
+    local dict_mb = math.ceil(KEYS * 600 / 1e6) + 8
     local srv = nginx.start({
         workers = WORKERS,
         http = (HTTP:gsub("%${([%w_]+)}", {
@@ -138,6 +139,7 @@ local function run(mode)
             KEYS = tostring(KEYS),
             DICT_MB = tostring(dict_mb),
             STAGE = tostring(stage),
+            STAGE_MB = tostring(math.ceil(stage / 2 ^ 20) + 1),
             WARM = tostring(WARM),
             GC = GC,
         })),

@@ -105,6 +105,20 @@ while read -r route status n; do
   fi
 done <<<"$counted"
 
+# The dict holds the app's metrics only: every line is a comment or a valid
+# sample, and the worker that answered the scrape used the shared stage.
+invalid=$(echo "$metrics" | grep -Ev '^(#.*|[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9][0-9.e+]*)$' || true)
+if [ -n "$invalid" ]; then
+  echo "demo: FAILED: /metrics has lines that are not Prometheus samples:" >&2
+  echo "$invalid" | cat -A >&2
+  exit 1
+fi
+if ! echo "$metrics" | grep -Eq '^resty_counter_stage\{worker="[0-9]+"\} 1$'; then
+  echo "demo: FAILED: the worker that answered /metrics did not use the shared stage" >&2
+  exit 1
+fi
+echo "demo: /metrics holds only samples; the shared stage was on"
+
 if [ "$total" -eq 0 ]; then
   echo "demo: FAILED: no request was served" >&2
   exit 1
