@@ -7,10 +7,12 @@
 //!   (the request path never crosses into Rust);
 //! - handed over: at sync time the shim hands each `(key, delta)` to the
 //!   library (`ffi.rs` and `ffi_stage.rs`, the only exported functions);
-//! - staged (more than one worker): [`stage::Stage`] adds it into a
-//!   lock-free table in shared memory, allocated in the dict's own zone by
-//!   `zone.rs`; once per interval the worker holding the lease folds the
-//!   stage, one write per key, into the flusher (see `docs/DESIGN.md`);
+//! - staged (more than one worker and a stage zone): [`stage::Stage`] adds
+//!   it into a lock-free table in shared memory, the dict's region of the
+//!   stage zone (`lua_shared_dict resty_counter_stage`), found or made by
+//!   `zone.rs` through the zone's [`directory::Directory`]; once per
+//!   interval the worker holding the lease folds the region, one write per
+//!   key, into the flusher (see `docs/DESIGN.md`);
 //! - flushed: [`flush::Flusher`] writes each delta into the dict (directly
 //!   with one worker, or for what the stage refuses, or from the fold),
 //!   keeps transient failures pending under a cap, and decides and reports
@@ -19,7 +21,8 @@
 //!   `*_ffi_shdict_incr` and `*_ffi_shdict_store` directly.
 //!
 //! `unsafe` lives in `ffi.rs`, `ffi_stage.rs`, `shdict.rs` and `zone.rs`
-//! only, each block with a `// SAFETY:` line.
+//! only, each block with a `// SAFETY:` line; `stage.rs` and
+//! `directory.rs` are safe Rust over slices of atomics.
 
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
