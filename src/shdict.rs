@@ -160,7 +160,8 @@ impl ShDict {
     /// (the stage zone, next to a counter dict).
     ///
     /// # Safety
-    /// As for [`zone_of`](Self::zone_of).
+    /// `zone_udata` must be NULL or `dict[1]` of a live shared dict of the
+    /// same subsystem.
     pub unsafe fn sibling(&self, zone_udata: *mut c_void) -> Result<ShDict, OpenError> {
         Ok(ShDict {
             // SAFETY: forwarded contract.

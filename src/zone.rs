@@ -624,17 +624,13 @@ mod tests {
         let mut z = zone_struct(aligned + 8, 8192, b"counters");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above.
-        assert_eq!(
-            unsafe { zone_memory(zp) }.unwrap_err(),
-            AttachError::Implausible
-        );
+        let r = unsafe { zone_memory(zp) };
+        assert_eq!(r.unwrap_err(), AttachError::Implausible);
         let mut z = zone_struct(aligned, 8192, b"");
         let zp = NonNull::from(&mut z).cast();
         // SAFETY: (test) as above; an empty name is refused before it is read.
-        assert_eq!(
-            unsafe { zone_memory(zp) }.unwrap_err(),
-            AttachError::NameMismatch
-        );
+        let r = unsafe { zone_memory(zp) };
+        assert_eq!(r.unwrap_err(), AttachError::NameMismatch);
     }
 
     #[test]

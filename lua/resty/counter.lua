@@ -1107,7 +1107,9 @@ local function check_opts(opts)
     local z = opts.stage_dict
     if z ~= nil and (type(z) ~= "string" or not ngx.shared[z]) then
         error(
-            'options.stage_dict: shared dict "' .. tostring(z) .. '" not defined',
+            'options.stage_dict: shared dict "'
+                .. tostring(z)
+                .. '" not defined',
             3
         )
     end

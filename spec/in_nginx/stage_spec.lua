@@ -104,7 +104,8 @@ describe("the shared stage in nginx", function()
         assert.equal(3, dict:get(key))
         for _, k in ipairs(dict:get_keys(0)) do
             assert.is_truthy(
-                k:find("^stage%-spec%-") or k:find("^only%-counters%-")
+                k:find("^stage%-spec%-")
+                    or k:find("^only%-counters%-")
                     or k:find("^published%-then%-sync%-"),
                 "a key that is no counter: " .. ("%q"):format(k)
             )
@@ -177,7 +178,10 @@ describe("the shared stage in nginx", function()
             assert.is_true(c:sync())
             assert.equal(offset, zone:get(DIRECTORY_KEY))
             assert.is_true(stage.info(h2).zone_regions >= 3)
-            assert.equal(stage.info(h).zone_regions, stage.info(h3).zone_regions)
+            assert.equal(
+                stage.info(h).zone_regions,
+                stage.info(h3).zone_regions
+            )
         end
     )
 
@@ -187,8 +191,13 @@ describe("the shared stage in nginx", function()
         function()
             local h, code, msg = stage.attach("stage", "stage_zone_tiny")
             assert.is_nil(h)
-            assert.equal("the stage zone is too small (64 KiB at least)", msg, code)
-            h, code, msg = stage.attach("stage", "stage2", "resty_counter_stage")
+            assert.equal(
+                "the stage zone is too small (64 KiB at least)",
+                msg,
+                code
+            )
+            h, code, msg =
+                stage.attach("stage", "stage2", "resty_counter_stage")
             assert.is_nil(h)
             assert.equal(
                 "the stage zone's name is not the one asked for (unknown nginx ABI)",

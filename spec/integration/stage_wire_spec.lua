@@ -39,23 +39,39 @@ local function bump_http(dict_size, k, rounds, opts, rotate, zone)
     if zone == nil then
         zone = "16m"
     end
-    return (zone and "  lua_shared_dict resty_counter_stage " .. zone .. ";\n" or "")
+    return (
+        zone and "  lua_shared_dict resty_counter_stage " .. zone .. ";\n" or ""
+    )
         .. [[
-  lua_shared_dict counters ]] .. dict_size .. [[;
+  lua_shared_dict counters ]]
+        .. dict_size
+        .. [[;
   lua_shared_dict meta 1m;
   init_worker_by_lua_block {
-    local c = require("resty.counter").new("counters", ]] .. INTERVAL .. [[, nil, ]] .. opts .. [[)
+    local c = require("resty.counter").new("counters", ]]
+        .. INTERVAL
+        .. [[, nil, ]]
+        .. opts
+        .. [[)
     local meta = ngx.shared.meta
     local rounds, pid = 0, ngx.worker.pid()
-    ngx.timer.every(]] .. INTERVAL .. [[, function(premature)
+    ngx.timer.every(]]
+        .. INTERVAL
+        .. [[, function(premature)
       if premature then
         return
       end
-      if rounds < ]] .. rounds .. [[ then
+      if rounds < ]]
+        .. rounds
+        .. [[ then
         rounds = rounds + 1
-        local prefix = ]] .. (rotate and '"r" .. rounds .. ":k"' or '"k"') .. [[
+        local prefix = ]]
+        .. (rotate and '"r" .. rounds .. ":k"' or '"k"')
+        .. [[
 
-        for i = 1, ]] .. k .. [[ do
+        for i = 1, ]]
+        .. k
+        .. [[ do
           c:incr(prefix .. i)
         end
         meta:incr("bumps", 1, 0)
@@ -432,10 +448,7 @@ describe("#integration the shared stage in the sync", function()
                     .. "writes its counts into the dict directly until"
             )
             assert.equal(2, warns, "one WARN per worker")
-            assert.equal(
-                warns,
-                H.count_matches(log, "slots) now")
-            )
+            assert.equal(warns, H.count_matches(log, "slots) now"))
             assert.same({}, H.crash_lines(log))
         end
     )

@@ -28,7 +28,7 @@ local function prometheus_sample(line)
     if rest:sub(1, 1) == "{" then
         local pos = 2
         while rest:sub(pos, pos) ~= "}" do
-            local label, after = rest:match("^([%a_][%w_]*)=\"()", pos)
+            local label, after = rest:match('^([%a_][%w_]*)="()', pos)
             if not label then
                 return false, "bad label at " .. pos
             end
@@ -146,7 +146,10 @@ describe("#integration the stage's own zone", function()
             local log = srv:error_log()
             assert.equal(
                 4,
-                H.count_matches(log, 'share a stage in zone "resty_counter_stage"')
+                H.count_matches(
+                    log,
+                    'share a stage in zone "resty_counter_stage"'
+                )
             )
 
             local status, left = srv:get("/reset")
@@ -179,7 +182,9 @@ describe("#integration the stage's own zone", function()
       local name, step = ngx.var.arg_d, tonumber(ngx.var.arg_step)
       local c = name:sub(1, 4) == "new_"
         and require("resty.counter").new(name)
-        or require("]] .. H.ORIGINAL .. [[").new(name)
+        or require("]]
+                    .. H.ORIGINAL
+                    .. [[").new(name)
       local dict = ngx.shared[name]
       local written = 0
       while true do
@@ -203,7 +208,12 @@ describe("#integration the stage's own zone", function()
                 local held = {}
                 for _, kind in ipairs({ "orig", "new" }) do
                     local status, body = srv:get(
-                        "/fill?d=" .. kind .. "_" .. size[1] .. "&step=" .. size[2],
+                        "/fill?d="
+                            .. kind
+                            .. "_"
+                            .. size[1]
+                            .. "&step="
+                            .. size[2],
                         nil,
                         120
                     )
@@ -236,9 +246,13 @@ describe("#integration the stage's own zone", function()
                     workers = workers,
                     http = [[
   lua_shared_dict resty_counter_stage 8m;
-  lua_shared_dict cyc ]] .. dict_size .. [[;
+  lua_shared_dict cyc ]]
+                        .. dict_size
+                        .. [[;
   init_worker_by_lua_block {
-    cyc = require("resty.counter").new("cyc", ]] .. INTERVAL .. [[)
+    cyc = require("resty.counter").new("cyc", ]]
+                        .. INTERVAL
+                        .. [[)
   }
 ]],
                     server = [[
@@ -293,7 +307,10 @@ describe("#integration the stage's own zone", function()
                 frees[cycle] = settle(50)
                 assert.equal(200, (srv:get("/forge")))
                 srv:reload(
-                    conf(cycle % 2 == 0 and 2 or 3, cycle % 2 == 0 and "1m" or "2m")
+                    conf(
+                        cycle % 2 == 0 and 2 or 3,
+                        cycle % 2 == 0 and "1m" or "2m"
+                    )
                 )
             end
             for cycle = 2, #frees do
