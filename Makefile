@@ -85,7 +85,7 @@ lint:
 	luacheck lua spec bench examples
 	stylua --check lua spec bench examples
 	shellcheck -S warning spec/run-in-nginx spec/support/nginx-conf spec/*.sh \
-	    tools/* bench/run examples/*.sh .ci/run
+	    spec/support/*.sh tools/* bench/run examples/*.sh .ci/run
 
 demo:
 	tools/install-deps demo
