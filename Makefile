@@ -8,7 +8,7 @@ BUSTED ?= $(shell command -v busted || echo /usr/bin/busted)
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
         test-long test-rock test-examples test-openresty test-stream \
-        test-install-deps lint demo bench clean
+        test-install-deps lint demo bench rock clean
 
 all: build
 
@@ -97,7 +97,14 @@ bench:
 	$(MAKE) build
 	bench/run
 
+# dist/: the source rock and this machine's binary rock (installs with no
+# Rust toolchain), built from one snapshot of the checkout; prints their
+# sizes and sha256.
+rock:
+	tools/install-deps rock
+	tools/make-rock dist
+
 # What builds and tests leave behind.
 clean:
 	$(CARGO) clean
-	rm -rf spec/tmp bench/tmp bench/results/quick
+	rm -rf spec/tmp bench/tmp bench/results/quick dist
