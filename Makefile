@@ -52,9 +52,13 @@ test-long: build
 test-examples: build
 	spec/examples_test.sh
 
+# The LuaRocks packages as users install them: the rockspec with `luarocks
+# make`, then the rocks of `make rock`, the binary one on a host without
+# Rust (cargo and rustc off the PATH).
 test-rock:
 	tools/install-deps rock
 	spec/rock_test.sh
+	spec/binary_rock_test.sh
 
 # tools/install-deps stops only a system nginx its own install started
 # (stand-in apt-get; installs nothing).
