@@ -8,7 +8,7 @@ BUSTED ?= $(shell command -v busted || echo /usr/bin/busted)
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
         test-long test-rock test-examples test-openresty test-stream \
-        test-install-deps lint demo bench clean
+        test-install-deps lint demo bench rock clean
 
 all: build
 
@@ -52,9 +52,13 @@ test-long: build
 test-examples: build
 	spec/examples_test.sh
 
+# The LuaRocks packages as users install them: the rockspec with `luarocks
+# make`, then the rocks of `make rock`, the binary one on a host without
+# Rust (cargo and rustc off the PATH).
 test-rock:
 	tools/install-deps rock
 	spec/rock_test.sh
+	spec/binary_rock_test.sh
 
 # tools/install-deps stops only a system nginx its own install started
 # (stand-in apt-get; installs nothing).
@@ -85,7 +89,7 @@ lint:
 	luacheck lua spec bench examples
 	stylua --check lua spec bench examples
 	shellcheck -S warning spec/run-in-nginx spec/support/nginx-conf spec/*.sh \
-	    tools/* bench/run examples/*.sh .ci/run
+	    spec/support/*.sh tools/* bench/run examples/*.sh .ci/run
 
 demo:
 	tools/install-deps demo
@@ -97,7 +101,14 @@ bench:
 	$(MAKE) build
 	bench/run
 
+# dist/: the source rock and this machine's binary rock (installs with no
+# Rust toolchain), built from one snapshot of the checkout; prints their
+# sizes and sha256.
+rock:
+	tools/install-deps rock
+	tools/make-rock dist
+
 # What builds and tests leave behind.
 clean:
 	$(CARGO) clean
-	rm -rf spec/tmp bench/tmp bench/results/quick
+	rm -rf spec/tmp bench/tmp bench/results/quick dist

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Runs a throwaway nginx on loopback from a config template: sourced by
-# examples/demo.sh, spec/rock_test.sh, spec/examples_test.sh and bench/run.
+# examples/demo.sh, spec/support/rock.sh (the rock specs),
+# spec/examples_test.sh and bench/run.
 #
 #   nx_launch TEMPLATE PREFIX REPO   render TEMPLATE into PREFIX/conf/nginx.conf
 #                                    on a free port (NX_PORT), start it, wait
