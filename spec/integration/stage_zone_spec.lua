@@ -224,6 +224,13 @@ describe("#integration the stage's own zone", function()
                         assert.equal("true", stage, "the stage is on")
                     end
                 end
+                io.stderr:write(
+                    ("capacity %s: %d counter keys, the original %d\n"):format(
+                        size[1],
+                        held.new,
+                        held.orig
+                    )
+                )
                 assert.is_true(
                     held.new >= 0.99 * held.orig,
                     ("%s: %d keys, the original %d"):format(
