@@ -281,6 +281,73 @@ pub unsafe extern "C" fn resty_counter_flusher_write(
     })
 }
 
+/// Most pairs one `resty_counter_flusher_write_batch` call takes (as the
+/// stage's batch publish).
+pub const WRITE_BATCH_MAX: u32 = 4096;
+
+/// Hands `n` deltas over and writes each into the dict, as `n` calls of
+/// `resty_counter_flusher_write` would, in one crossing: `keys[i]` of
+/// `lens[i]` bytes gets `deltas[i]`, and `rcs[i]` is its outcome code (a
+/// NULL key is `RC_BAD_KEY`). Returns how many were `RC_STORED`, so the
+/// caller looks at `rcs` only when that is less than `n`.
+///
+/// # Safety
+/// `h` must be NULL or live; `keys`, `lens`, `deltas` and `rcs` must hold
+/// `n` elements; each `keys[i]` must point at `lens[i]` readable bytes.
+///
+/// # Errors
+/// `RC_NULL` (a NULL handle or array, or `n > WRITE_BATCH_MAX`: nothing
+/// written), `RC_PANIC`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_flusher_write_batch(
+    h: *mut FlusherHandle,
+    keys: *const *const u8,
+    lens: *const usize,
+    deltas: *const f64,
+    n: u32,
+    rcs: *mut i32,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live, not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        if keys.is_null()
+            || lens.is_null()
+            || deltas.is_null()
+            || rcs.is_null()
+            || n > WRITE_BATCH_MAX
+        {
+            return RC_NULL;
+        }
+        let n = n as usize;
+        // SAFETY: the caller guarantees n elements in each array.
+        let (keys, lens, deltas, rcs) = unsafe {
+            (
+                std::slice::from_raw_parts(keys, n),
+                std::slice::from_raw_parts(lens, n),
+                std::slice::from_raw_parts(deltas, n),
+                std::slice::from_raw_parts_mut(rcs, n),
+            )
+        };
+        let mut stored = 0;
+        for i in 0..n {
+            // SAFETY: keys[i] points at lens[i] readable bytes (contract).
+            let rc = match unsafe { bytes(keys[i], lens[i]) } {
+                None => RC_BAD_KEY,
+                Some(key) => match h.flusher.add(key, deltas[i]) {
+                    Ok(o) => outcome_code(o),
+                    Err(Rejected::BadKey) => RC_BAD_KEY,
+                    Err(Rejected::BadDelta) => RC_BAD_DELTA,
+                },
+            };
+            rcs[i] = rc;
+            stored += i32::from(rc == RC_STORED);
+        }
+        stored
+    })
+}
+
 /// Starts a sync: times it and makes every pending delta due for a retry.
 ///
 /// # Safety
@@ -655,6 +722,68 @@ mod tests {
         let a = resty_counter_clock();
         let b = resty_counter_clock();
         assert!(a > 0.0 && b >= a);
+    }
+
+    #[test]
+    fn a_batch_write_reports_each_key_as_single_writes_would() {
+        let mut h = test_handle();
+        let hp: *mut FlusherHandle = &mut *h;
+        let long = vec![b'x'; MAX_KEY_LEN + 1];
+        let keys = [b"a".as_ptr(), ptr::null(), long.as_ptr(), b"b".as_ptr()];
+        let lens = [1usize, 3, long.len(), 1];
+        let deltas = [1.0, 1.0, 1.0, f64::NAN];
+        let mut rcs = [99i32; 4];
+        // SAFETY: four elements in each array; every non-NULL key points at
+        // its length of bytes.
+        let stored = unsafe {
+            resty_counter_flusher_write_batch(
+                hp,
+                keys.as_ptr(),
+                lens.as_ptr(),
+                deltas.as_ptr(),
+                4,
+                rcs.as_mut_ptr(),
+            )
+        };
+        assert_eq!(stored, 1);
+        assert_eq!(rcs, [RC_STORED, RC_BAD_KEY, RC_BAD_KEY, RC_BAD_DELTA]);
+        assert_eq!(h.flusher.stats().keys_flushed, 1);
+        // SAFETY: NULL arrays and an oversized batch are refused unread.
+        unsafe {
+            assert_eq!(
+                resty_counter_flusher_write_batch(
+                    hp,
+                    ptr::null(),
+                    lens.as_ptr(),
+                    deltas.as_ptr(),
+                    4,
+                    rcs.as_mut_ptr()
+                ),
+                RC_NULL
+            );
+            assert_eq!(
+                resty_counter_flusher_write_batch(
+                    hp,
+                    keys.as_ptr(),
+                    lens.as_ptr(),
+                    deltas.as_ptr(),
+                    WRITE_BATCH_MAX + 1,
+                    rcs.as_mut_ptr()
+                ),
+                RC_NULL
+            );
+            assert_eq!(
+                resty_counter_flusher_write_batch(
+                    ptr::null_mut(),
+                    keys.as_ptr(),
+                    lens.as_ptr(),
+                    deltas.as_ptr(),
+                    4,
+                    rcs.as_mut_ptr()
+                ),
+                RC_NULL
+            );
+        }
     }
 
     /// A handle over a stand-in dict that accepts everything.

@@ -123,6 +123,9 @@ resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
 void resty_counter_flusher_free(resty_counter_flusher *h);
 int32_t resty_counter_flusher_write(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
+int32_t resty_counter_flusher_write_batch(resty_counter_flusher *h,
+    const unsigned char **keys, const size_t *lens, const double *deltas,
+    uint32_t n, int32_t *rcs);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 typedef struct {
