@@ -21,7 +21,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 7
+local ABI_VERSION = 8
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -128,7 +128,7 @@ int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 typedef struct {
     int32_t ok;
     double failed, evicted, dropped_cap, dropped_in_retry, pending_keys,
-           pending_sum;
+           pending_sum, evicted_in_retry;
 } resty_counter_sync_result;
 int32_t resty_counter_flusher_end(resty_counter_flusher *h,
     int32_t error_metric, resty_counter_sync_result *out);
