@@ -960,7 +960,9 @@ end
 -- worker exits: lua-nginx-module runs pending timers at once, with
 -- premature = true, when a worker shuts down.
 -- A timer nginx refused is started again by the next new(), sync() or
--- first increment of a key.
+-- first increment of a key; meanwhile no buffer is kept: every increment
+-- goes straight into the dict (incr_slow), so none waits for a timer that
+-- may never come.
 local tick
 local REARM_EVERY = 0.1 -- seconds between two tries while down
 
@@ -990,7 +992,8 @@ local function timer_down(self, err)
             '": ',
             err,
             "; retrying at the next ",
-            "new(), sync() or increment"
+            "new(), sync() or increment, which meanwhile writes into the",
+            " dict directly"
         )
     end
 end
@@ -1294,9 +1297,15 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.write_through or still_in_master(self) then
-        -- Before the fork (master) or after the exit flush: no timer will
-        -- flush a buffer, so write straight to the dict.
+    local through = self.write_through or still_in_master(self)
+    if not through and self.native and not self.timer then
+        check_timer(self) -- the timer is down: try again (rate-limited)
+        through = not self.timer
+    end
+    if through then
+        -- Before the fork (master), after the exit flush, or while nginx
+        -- refuses the timer: no timer will flush a buffer, so write
+        -- straight to the dict.
         local _, err = incr_or_add(self, key, step, 0)
         if err then
             key_line(
@@ -1309,10 +1318,6 @@ local function incr_slow(self, key, step)
             )
         end
         return true
-    end
-
-    if self.native then
-        check_timer(self) -- the timer is down: try again (rate-limited)
     end
 
     local buf = self.buf
