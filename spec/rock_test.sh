@@ -38,21 +38,11 @@ rock_count "$requests"
 rock_check_log
 
 # 3. Upgrade under the running nginx: `luarocks make` again, then reload.
-#    LuaRocks removes the installed file and writes a new one (a new inode)
-#    rather than rewriting it in place, so the workers' mapping of the old
-#    file stays intact: they keep counting, and the reloaded ones load the
-#    file now on disk.
-lib=$ROCK_LIB_DIR/libresty_counter.so
-inode_before=$(stat -c %i "$lib")
-if out=$(CARGO_NET_OFFLINE=true luarocks --lua-version=5.1 --tree="$ROCK_TREE" \
-           make resty-counter-0.3.0-1.rockspec 2>&1); then
-  inode_after=$(stat -c %i "$lib")
-  if [ "$inode_before" != "$inode_after" ]; then
-    pass "luarocks make over an installed library writes a new file (inode $inode_before -> $inode_after)"
-  else
-    fail "luarocks make writes a new file" "same inode $inode_after: rewritten in place"
-  fi
-else
+#    The workers run private copies of the library (see
+#    lua/resty/counter/loader.lua), so however LuaRocks writes the file they
+#    keep counting, and the reloaded ones load the file now on disk.
+if ! out=$(CARGO_NET_OFFLINE=true luarocks --lua-version=5.1 --tree="$ROCK_TREE" \
+             make resty-counter-0.3.0-1.rockspec 2>&1); then
   fail "luarocks make (reinstall)" "$out"
 fi
 for _ in $(seq 1 50); do rock_get /incr >/dev/null; done

@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -60,7 +60,8 @@ pub struct SyncResult {
     /// Handed-over deltas that did not arrive (kept or dropped), the cap's
     /// drops apart; each got a per-key outcome code from `flusher_write`.
     pub failed: f64,
-    /// Handed-over deltas whose write evicted other entries.
+    /// Writes that evicted other entries: handed-over deltas (each got
+    /// `RC_STORED_EVICTED`) and pending ones a retry wrote.
     pub evicted: f64,
     /// Deltas dropped because the dict was full and the pending cap reached.
     pub dropped_cap: f64,
@@ -69,6 +70,9 @@ pub struct SyncResult {
     /// Keys still pending after the sync, and the sum of their deltas.
     pub pending_keys: f64,
     pub pending_sum: f64,
+    /// The part of `evicted` that retries caused: no per-key code told
+    /// the shim of them.
+    pub evicted_in_retry: f64,
 }
 
 /// What `resty_counter_flusher_stats` reports, by name: the cdef declares
@@ -418,6 +422,7 @@ pub unsafe extern "C" fn resty_counter_flusher_end(
             dropped_in_retry: end.dropped_in_retry as f64,
             pending_keys: end.pending_keys as f64,
             pending_sum: end.pending_sum,
+            evicted_in_retry: end.evicted_in_retry as f64,
         };
         RC_STORED
     })

@@ -165,10 +165,11 @@ pub struct Flusher<D> {
     dropped_this_sync: u64,
     dropped_in_retry: u64,
     /// Handed-over deltas that did not arrive (kept or dropped, the cap's
-    /// drops apart) and writes that evicted other entries, since the last
-    /// `end`.
+    /// drops apart), writes that evicted other entries (first writes and
+    /// retries), and those of them that were retries, since the last `end`.
     failed_this_sync: u64,
     evicted_this_sync: u64,
+    evicted_in_retry: u64,
     /// Syncs begun and not ended: a manual sync that starts while a sliced
     /// one is between slices joins it instead of starting over.
     active: u32,
@@ -182,8 +183,11 @@ pub struct SyncEnd {
     /// Handed-over deltas that did not arrive (kept pending or dropped),
     /// the cap's drops apart.
     pub failed: u64,
-    /// Handed-over deltas whose write evicted other entries.
+    /// Writes of this sync that evicted other entries: handed-over deltas
+    /// (each got `StoredEvicted`) and pending ones a retry wrote.
     pub evicted: u64,
+    /// The part of `evicted` that retries caused (no per-key outcome).
+    pub evicted_in_retry: u64,
     /// Keys still pending after this sync, and the sum of their deltas.
     pub pending_keys: u64,
     pub pending_sum: f64,
@@ -207,6 +211,7 @@ impl<D: Dict> Flusher<D> {
             dropped_this_sync: 0,
             failed_this_sync: 0,
             evicted_this_sync: 0,
+            evicted_in_retry: 0,
             dropped_in_retry: 0,
             active: 0,
         }
@@ -254,6 +259,7 @@ impl<D: Dict> Flusher<D> {
             ok,
             failed: self.failed_this_sync,
             evicted: self.evicted_this_sync,
+            evicted_in_retry: self.evicted_in_retry,
             pending_keys: self.pending.len() as u64,
             pending_sum: self.pending_sum(),
             dropped_cap: self.dropped_this_sync,
@@ -263,6 +269,7 @@ impl<D: Dict> Flusher<D> {
         self.dropped_in_retry = 0;
         self.failed_this_sync = 0;
         self.evicted_this_sync = 0;
+        self.evicted_in_retry = 0;
         end
     }
 
@@ -314,6 +321,8 @@ impl<D: Dict> Flusher<D> {
         let mut done: Vec<Box<[u8]>> = Vec::new();
         let dict = &mut self.dict;
         let stats = &mut self.stats;
+        let evicted_this_sync = &mut self.evicted_this_sync;
+        let evicted_in_retry = &mut self.evicted_in_retry;
         for (key, p) in self.pending.iter_mut() {
             if p.tried_in == sync_id {
                 continue;
@@ -328,7 +337,12 @@ impl<D: Dict> Flusher<D> {
                 Ok(w) => {
                     stats.keys_flushed += 1;
                     if w.evicted {
+                        // Reported like the eviction of a first write: the
+                        // sync's own count, hence the log and the error
+                        // metric (see `end`).
                         stats.evictions += 1;
+                        *evicted_this_sync += 1;
+                        *evicted_in_retry += 1;
                     }
                     done.push(key.clone());
                 }
@@ -669,6 +683,32 @@ pub(crate) mod tests {
         let mut f = flusher(dict);
         assert_eq!(f.add(b"e", 1.0), Ok(Outcome::StoredEvicted));
         assert_eq!(f.stats().evictions, 1);
+    }
+
+    #[test]
+    fn an_eviction_a_retry_causes_is_reported_like_a_first_writes() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(0),
+            ..FakeDict::default()
+        });
+        f.begin();
+        assert_eq!(f.add(b"e", 5.0), Ok(Outcome::Retained(DictError::NoMemory)));
+        f.end(true);
+        // Room again, but only by evicting: the retry stores with forcible.
+        f.dict_mut().capacity = None;
+        f.dict_mut().evict_on = Some(b"e".to_vec());
+        f.begin();
+        assert_eq!(f.retry(None), 0);
+        let end = f.end(true);
+        assert_eq!(f.dict().nums[&b"e".to_vec()], 5.0);
+        assert_eq!((end.evicted, end.evicted_in_retry), (1, 1));
+        assert_eq!((end.failed, end.pending_keys), (0, 0));
+        assert!(
+            !end.ok,
+            "an eviction fails the sync of a counter with an error metric"
+        );
+        assert_eq!(f.stats().evictions, 1);
+        assert_eq!(f.stats().failed_syncs, 2);
     }
 
     #[test]

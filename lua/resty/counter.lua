@@ -21,7 +21,7 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 8
+local ABI_VERSION = 9
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
@@ -29,7 +29,6 @@ local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
 -- cycle, but logs a WARN each time. 1 ms lets the event loop run there too.
 local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32 -- keys between two looks at the clock
-local WARN_LINES_PER_SYNC = 100 -- per-key WARN lines before a summary
 local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
 local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 
@@ -131,7 +130,7 @@ int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 typedef struct {
     int32_t ok;
     double failed, evicted, dropped_cap, dropped_in_retry, pending_keys,
-           pending_sum;
+           pending_sum, evicted_in_retry;
 } resty_counter_sync_result;
 int32_t resty_counter_flusher_end(resty_counter_flusher *h,
     int32_t error_metric, resty_counter_sync_result *out);
@@ -246,6 +245,125 @@ end
 
 local function strerror(rc)
     return ffi.string(lib.resty_counter_strerror(rc))
+end
+
+---------------------------------------------------------------------------
+-- What syncs log: bounded per worker and minute, whatever the interval.
+---------------------------------------------------------------------------
+-- Two classes of lines: per-key lines (a key whose write failed, or
+-- evicted other entries, with the error metric) and count lines (what one
+-- sync dropped, evicted or failed in all; a sync that raised). Each class
+-- may log LOG_LINES[class] lines per LOG_WINDOW seconds in a worker, all
+-- dicts together. Beyond that, lines are not logged but their events are
+-- counted, per dict and kind; the first line the window holds back says so,
+-- and the window's end (noticed by the next line or sync end, or by the
+-- worker's exit flush) logs one summary line per dict with those counts.
+-- So a short sync_interval no longer multiplies the volume.
+local LOG_WINDOW = 60
+local LOG_LINES = { key = 100, count = 20 }
+local HELD_KINDS = { -- what a summary counts, in its order
+    { "failed", " failed writes" },
+    { "evicted", " evictions" },
+    { "dropped_cap", " increments dropped at the pending cap" },
+    { "dropped_retry", " pending increments refused for good when retried" },
+    { "errors", " syncs that raised an error" },
+}
+local logbook = { start = nil, used = { key = 0, count = 0 }, held = {} }
+
+-- Logs a summary line per dict with what the window held back, if
+-- anything, and starts a new window at `now`.
+local function close_window(now)
+    local seconds = math.floor(now - (logbook.start or now) + 0.5)
+    for name, held in pairs(logbook.held) do
+        local parts = {}
+        for _, kind in ipairs(HELD_KINDS) do
+            local n = held[kind[1]]
+            if n then
+                parts[#parts + 1] = ("%.17g%s"):format(n, kind[2])
+            end
+        end
+        ngx.log(
+            held.level,
+            'resty.counter: shared dict "',
+            name,
+            '": not logged in the last ',
+            seconds,
+            " s (a worker logs at most ",
+            LOG_LINES.key,
+            " per-key and ",
+            LOG_LINES.count,
+            " count lines a minute): ",
+            table.concat(parts, ", ")
+        )
+    end
+    clear_tab(logbook.held)
+    logbook.start, logbook.used.key, logbook.used.count = now, 0, 0
+end
+
+-- Starts a new window when the current one is over.
+local function roll_window()
+    local now = ngx.now()
+    local start = logbook.start
+    if not start then
+        logbook.start = now
+    elseif now - start >= LOG_WINDOW then
+        close_window(now)
+    end
+end
+
+-- Whether a line of `class` may be logged now (then it is counted).
+local function may_log(class)
+    roll_window()
+    local used = logbook.used
+    local n = used[class]
+    used[class] = n + 1
+    if n < LOG_LINES[class] then
+        return true
+    end
+    if n == LOG_LINES[class] then
+        ngx.log(
+            ngx.WARN,
+            "resty.counter: this worker logged ",
+            n,
+            class == "key" and " per-key" or " count",
+            " lines in this minute: the next are counted instead, and",
+            " summed up at its end"
+        )
+    end
+    return false
+end
+
+-- Counts `n` events of `kind` in `self`'s dict that were not logged; the
+-- summary takes the most severe level held back.
+local function hold(self, level, kind, n)
+    local held = logbook.held[self.name]
+    if not held then
+        held = { level = level }
+        logbook.held[self.name] = held
+    end
+    held[kind] = (held[kind] or 0) + n
+    if level < held.level then -- ngx.ERR < ngx.WARN
+        held.level = level
+    end
+end
+
+-- A per-key line: `head`, the key made printable, then `tail`.
+local function key_line(self, level, kind, key, head, tail)
+    if may_log("key") then
+        ngx.log(level, head, printable(key), tail)
+    else
+        hold(self, level, kind, 1)
+    end
+end
+
+-- A count line, standing for `n` events of `kind`: the rest of the
+-- arguments are the line.
+local function count_line(self, level, kind, n, ...)
+    if may_log("count") then
+        ngx.log(level, ...)
+    else
+        hold(self, level, kind, n)
+    end
 end
 
 -- The lua-nginx-module versions whose shdict entry points have the
@@ -448,35 +566,35 @@ end
 ---------------------------------------------------------------------------
 -- Flush (native): hand (key, delta) pairs to Rust, report what happened.
 ---------------------------------------------------------------------------
--- Logs one key's outcome, at most WARN_LINES_PER_SYNC lines of each kind
--- per sync (tally counts the kinds); Rust counts and decides the sync's
--- result, and end_sync logs the summary lines.
-local function report(self, key, rc, tally)
+-- Logs one key's outcome (through key_line); Rust counts and decides the
+-- sync's result, and end_sync logs the count lines.
+local function report(self, key, rc)
     if rc == RC_STORED_EVICTED then
-        tally.evicted = tally.evicted + 1
-        if self.error_metric and tally.evicted <= WARN_LINES_PER_SYNC then
-            ngx.log(
+        if self.error_metric then
+            key_line(
+                self,
                 ngx.ERR,
+                "evicted",
+                key,
                 "increasing counter in shdict: lru eviction: key=",
-                printable(key)
+                ""
             )
         end
         return
     end
     if rc == RC_DROPPED_CAP then
-        return -- one line per sync, from end_sync
+        return -- one count line per sync, from end_sync
     end
-    tally.failed = tally.failed + 1
-    if tally.failed <= WARN_LINES_PER_SYNC then
-        ngx.log(
-            ngx.WARN,
-            "error increasing counter in shdict key: ",
-            printable(key),
-            ", err: ",
-            strerror(rc),
-            rc == RC_RETAINED and " (kept, retried at the next sync)" or ""
-        )
-    end
+    key_line(
+        self,
+        ngx.WARN,
+        "failed",
+        key,
+        "error increasing counter in shdict key: ",
+        ", err: "
+            .. strerror(rc)
+            .. (rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
+    )
 end
 
 -- Says once per worker and dict that the stage's region is full: what does
@@ -496,8 +614,11 @@ local function full_once(self)
 end
 
 -- Publishes the first m pairs of the batch arrays in one call; writes the
--- ones the stage refuses (full, too long) directly.
-local function publish_batch(self, st, m, tally)
+-- ones the stage refuses (full, too long) directly. Once all m are
+-- handed over, self.cursor moves past them, then the outcomes are
+-- reported: a sync that raises while reporting does not hand them over
+-- twice when the next one goes on.
+local function publish_batch(self, st, m)
     local staged = lib.resty_counter_stage_publish_batch(
         st,
         batch_keys,
@@ -508,22 +629,28 @@ local function publish_batch(self, st, m, tally)
     )
     if staged == m then
         self.published = self.published + m
+        self.cursor = batch_strs[m - 1]
         return
     end
     local add, h = lib.resty_counter_flusher_write, self.handle
     for i = 0, m - 1 do
         if staged >= 0 and batch_rcs[i] == STAGED then
             self.published = self.published + 1
+            batch_rcs[i] = RC_STORED -- nothing to report
         else
             if staged >= 0 and batch_rcs[i] == STAGE_FULL then
                 full_once(self)
             end
             local key = batch_strs[i]
             self.fallback_writes = self.fallback_writes + 1
-            local rc = add(h, key, #key, batch_deltas[i])
-            if rc ~= RC_STORED then
-                report(self, key, rc, tally)
-            end
+            batch_rcs[i] = add(h, key, #key, batch_deltas[i])
+        end
+    end
+    self.cursor = batch_strs[m - 1]
+    for i = 0, m - 1 do
+        local rc = batch_rcs[i]
+        if rc ~= RC_STORED then
+            report(self, batch_strs[i], rc)
         end
     end
 end
@@ -533,7 +660,10 @@ end
 -- written directly), else straight into the dict. With a budget, stops
 -- after about that many seconds and returns false (not done); the caller
 -- yields and comes back. Without, runs to the end and returns true.
-local function drain(self, tally, budget, st)
+-- self.cursor is the last key handed over, so that a drain cut short by an
+-- error (raised in report, say) goes on after it at the next sync, and no
+-- delta is handed over twice or skipped.
+local function drain(self, budget, st)
     local t, h = self.draining, self.handle
     local add = lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
@@ -547,26 +677,27 @@ local function drain(self, tally, budget, st)
             batch_strs[m] = key
             m = m + 1
             if m == BATCH then
-                publish_batch(self, st, m, tally)
+                publish_batch(self, st, m)
                 m = 0
             end
         else
             local rc = add(h, key, #key, delta)
+            self.cursor = key
             if rc ~= RC_STORED then
-                report(self, key, rc, tally)
+                report(self, key, rc)
             end
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             if m > 0 then
-                publish_batch(self, st, m, tally)
+                publish_batch(self, st, m)
             end
-            self.cursor, self.drained = key, n
+            self.drained = n
             return false
         end
     end
     if m > 0 then
-        publish_batch(self, st, m, tally)
+        publish_batch(self, st, m)
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
@@ -635,18 +766,19 @@ local function incr_or_add(self, key, value, init)
     return nil, strerror(rc), false
 end
 
--- Adds what one fold call reported into this sync's tally and logs it.
-local function count_fold(self, tally)
+-- Counts what one fold call wrote and logs what failed or evicted.
+local function count_fold(self)
     local written, evicted, failed =
         tonumber(fold_out[0]), tonumber(fold_out[1]), tonumber(fold_out[2])
     self.folded = self.folded + written
-    tally.evicted = tally.evicted + evicted
-    tally.failed = tally.failed + failed
     -- Whether the sync succeeded is the flusher's to say (end_sync): the
     -- folded writes went through it.
     if failed > 0 then
-        ngx.log(
+        count_line(
+            self,
             ngx.WARN,
+            "failed",
+            failed,
             "resty.counter: ",
             failed,
             " keys folded from the ",
@@ -656,8 +788,11 @@ local function count_fold(self, tally)
         )
     end
     if evicted > 0 and self.error_metric then
-        ngx.log(
+        count_line(
+            self,
             ngx.ERR,
+            "evicted",
+            evicted,
             "resty.counter: folding the stage into shared ",
             'dict "',
             self.name,
@@ -675,7 +810,7 @@ end
 -- The automatic fold: once per interval, the worker that holds (or takes)
 -- the lease folds the stage in slices of about SLICE_SECONDS, every delta
 -- going through the flusher like a direct write. Others return at once.
-local function fold_sliced(self, tally)
+local function fold_sliced(self)
     local st = self.stage
     while st do
         local rc = lib.resty_counter_stage_fold(
@@ -689,7 +824,7 @@ local function fold_sliced(self, tally)
         if rc < 0 then
             return -- another worker holds the lease
         end
-        count_fold(self, tally)
+        count_fold(self)
         if rc == 1 then
             return
         end
@@ -701,7 +836,7 @@ local function fold_sliced(self, tally)
 end
 
 -- The whole stage, once, without yielding (manual sync and exit).
-local function fold_whole(self, tally)
+local function fold_whole(self)
     local st = self.stage
     if not st then
         return
@@ -714,17 +849,13 @@ local function fold_whole(self, tally)
         0,
         fold_out
     )
-    count_fold(self, tally)
+    count_fold(self)
 end
 
-local function begin_sync(self)
-    lib.resty_counter_flusher_begin(self.handle)
-    return { failed = 0, evicted = 0 }
-end
-
--- Ends the sync in Rust, which decides whether it succeeded, and logs the
--- per-sync summary lines from what it returns.
-local function end_sync(self, tally)
+-- Ends the sync in Rust, which decides whether it succeeded, counts it in
+-- the error metric if it did not, and logs the sync's count lines from
+-- what Rust returns (see "What syncs log").
+local function end_sync(self)
     local r = end_out
     if
         lib.resty_counter_flusher_end(
@@ -735,54 +866,62 @@ local function end_sync(self, tally)
     then
         return false
     end
+    local ok = r.ok ~= 0
+    if not ok and self.error_metric then
+        incr_or_add(self, self.error_metric, 1, 0)
+    end
+    local name = self.name
     if r.dropped_in_retry > 0 then
-        ngx.log(
+        count_line(
+            self,
             ngx.ERR,
+            "dropped_retry",
+            r.dropped_in_retry,
             'resty.counter: shared dict "',
-            self.name,
+            name,
             '" refused ',
             r.dropped_in_retry,
             " pending increments for ",
             "good when retried: dropped"
         )
     end
-    if tally.failed > WARN_LINES_PER_SYNC then
-        ngx.log(
-            ngx.WARN,
-            "resty.counter: ",
-            r.failed - WARN_LINES_PER_SYNC,
-            " more keys failed in ",
-            'this sync of shared dict "',
-            self.name,
-            '"'
-        )
-    end
     if r.dropped_cap > 0 then
-        ngx.log(
+        count_line(
+            self,
             ngx.ERR,
+            "dropped_cap",
+            r.dropped_cap,
             'resty.counter: shared dict "',
-            self.name,
+            name,
             '" is full and the pending cap is reached: dropped ',
             r.dropped_cap,
             " increments in this sync"
         )
     end
-    if self.error_metric and tally.evicted > WARN_LINES_PER_SYNC then
-        ngx.log(
+    -- With the error metric each eviction of a first write had its line
+    -- (report, count_fold); a retry's has none: one line for them.
+    if r.evicted_in_retry > 0 and self.error_metric then
+        count_line(
+            self,
             ngx.ERR,
-            "resty.counter: ",
-            r.evicted - WARN_LINES_PER_SYNC,
-            " more keys evicted ",
-            'other entries in this sync of shared dict "',
-            self.name,
-            '"'
+            "evicted",
+            r.evicted_in_retry,
+            "resty.counter: retrying the pending keys of shared dict ",
+            '"',
+            name,
+            '" evicted other entries ',
+            r.evicted_in_retry,
+            " times"
         )
     end
     if r.evicted > 0 and not self.error_metric then
-        ngx.log(
+        count_line(
+            self,
             ngx.WARN,
+            "evicted",
+            r.evicted,
             'resty.counter: flushing into shared dict "',
-            self.name,
+            name,
             '" evicted other entries ',
             r.evicted,
             " times: the dict is too small"
@@ -790,6 +929,7 @@ local function end_sync(self, tally)
     end
     if r.pending_keys > 0 and ngx.worker.exiting() then
         -- The last sync of this worker: what is pending now is lost.
+        -- Always logged: once per worker and dict.
         ngx.log(
             ngx.ERR,
             "resty.counter: worker exiting: ",
@@ -798,15 +938,46 @@ local function end_sync(self, tally)
             "summing ",
             r.pending_sum,
             ' could not be written to shared dict "',
-            self.name,
+            name,
             '": lost'
         )
     end
-    local ok = r.ok ~= 0
-    if not ok and self.error_metric then
-        incr_or_add(self, self.error_metric, 1, 0)
-    end
+    roll_window() -- a window over logs its summary now, not at a later line
     return ok
+end
+
+-- Runs one sync: begins it in Rust, runs body(self), and ends it
+-- whatever the body raises (an application's wrapped function, memory
+-- pressure), so the next sync starts afresh and retries what is pending;
+-- a drain the error cut short goes on where it stopped (see drain).
+-- Returns the sync's result, or nil, the error and its traceback.
+local function run_sync(self, body)
+    lib.resty_counter_flusher_begin(self.handle)
+    local trace
+    local ok, err = xpcall(body, function(e)
+        trace = debug.traceback(tostring(e), 2)
+        return e
+    end, self)
+    local synced = end_sync(self)
+    if not ok then
+        return nil, err, trace
+    end
+    return synced
+end
+
+-- Logs a sync that raised, with the traceback: once per error (a count
+-- line, so within the per-minute bound).
+local function log_raised(self, trace)
+    count_line(
+        self,
+        ngx.ERR,
+        "errors",
+        1,
+        'resty.counter: a sync of shared dict "',
+        self.name,
+        '" raised an error (the sync was ended; the next starts afresh): ',
+        trace
+    )
 end
 
 -- A complete sync that never yields: manual sync() and worker exit. This
@@ -814,27 +985,24 @@ end
 -- folded once, so that what any worker published is in the dict too. An
 -- exiting worker then leaves the stage.
 local function sync_now(self)
-    local tally = begin_sync(self)
     lib.resty_counter_flusher_retry(self.handle, 0)
     if self.draining then
-        drain(self, tally, nil, nil)
+        drain(self, nil, nil)
     end
     if swap(self) then
-        drain(self, tally, nil, nil)
+        drain(self, nil, nil)
     end
     if stage_of(self) then
-        fold_whole(self, tally)
+        fold_whole(self)
         if ngx.worker.exiting() then
             leave_stage(self)
         end
     end
-    return end_sync(self, tally)
 end
 
 -- The automatic sync: slices of about SLICE_SECONDS with a short sleep
 -- between them, so thousands of keys never stall the event loop.
 local function sync_sliced(self)
-    local tally = begin_sync(self)
     while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
         ngx.sleep(SLICE_PAUSE)
     end
@@ -845,12 +1013,11 @@ local function sync_sliced(self)
     -- the end without yielding, so draining is then nil.
     stage_of(self)
     while self.draining do
-        if not drain(self, tally, SLICE_SECONDS, self.stage) then
+        if not drain(self, SLICE_SECONDS, self.stage) then
             ngx.sleep(SLICE_PAUSE)
         end
     end
-    fold_sliced(self, tally)
-    return end_sync(self, tally)
+    fold_sliced(self)
 end
 
 -- One timer per dict and worker, always a repeating one (ngx.timer.every):
@@ -865,14 +1032,24 @@ end
 -- worker exits: lua-nginx-module runs pending timers at once, with
 -- premature = true, when a worker shuts down.
 -- A timer nginx refused is started again by the next new(), sync() or
--- first increment of a key.
+-- first increment of a key; meanwhile no buffer is kept: every increment
+-- goes straight into the dict (incr_slow), so none waits for a timer that
+-- may never come.
 local tick
 local REARM_EVERY = 0.1 -- seconds between two tries while down
 
 -- After the exit flush nothing syncs again: write straight to the dict.
+-- The log lines the window held back are summed up before the worker goes.
 local function exit_flush(self)
     self.write_through = true
-    return sync_now(self)
+    local synced, _, trace = run_sync(self, sync_now)
+    if synced == nil then
+        log_raised(self, trace)
+    end
+    if next(logbook.held) then
+        close_window(ngx.now())
+    end
+    return synced
 end
 
 local function timer_down(self, err)
@@ -887,7 +1064,8 @@ local function timer_down(self, err)
             '": ',
             err,
             "; retrying at the next ",
-            "new(), sync() or increment"
+            "new(), sync() or increment, which meanwhile writes into the",
+            " dict directly"
         )
     end
 end
@@ -958,16 +1136,12 @@ tick = function(premature, self, gen)
         return -- the previous sync still runs
     end
     self.syncing = true
-    local ok, err = pcall(sync_sliced, self)
+    local ok, synced, _, trace = pcall(run_sync, self, sync_sliced)
     self.syncing = nil
-    if not ok then
-        ngx.log(
-            ngx.ERR,
-            'resty.counter: sync of shared dict "',
-            self.name,
-            '" failed: ',
-            err
-        )
+    if not ok then -- raised while ending the sync (end_sync's lines)
+        log_raised(self, tostring(synced))
+    elseif synced == nil then
+        log_raised(self, trace)
     end
     if ngx.worker.exiting() and not self.write_through then
         return exit_flush(self)
@@ -1207,24 +1381,27 @@ local function incr_slow(self, key, step)
         error("bad step: finite number expected, got " .. tostring(step), 3)
     end
 
-    if self.write_through or still_in_master(self) then
-        -- Before the fork (master) or after the exit flush: no timer will
-        -- flush a buffer, so write straight to the dict.
+    local through = self.write_through or still_in_master(self)
+    if not through and self.native and not self.timer then
+        check_timer(self) -- the timer is down: try again (rate-limited)
+        through = not self.timer
+    end
+    if through then
+        -- Before the fork (master), after the exit flush, or while nginx
+        -- refuses the timer: no timer will flush a buffer, so write
+        -- straight to the dict.
         local _, err = incr_or_add(self, key, step, 0)
         if err then
-            ngx.log(
+            key_line(
+                self,
                 ngx.WARN,
+                "failed",
+                key,
                 "error increasing counter in shdict key: ",
-                printable(key),
-                ", err: ",
-                err
+                ", err: " .. err
             )
         end
         return true
-    end
-
-    if self.native then
-        check_timer(self) -- the timer is down: try again (rate-limited)
     end
 
     local buf = self.buf
@@ -1267,7 +1444,11 @@ function _M.sync(self)
             return true -- the master, or a worker before its first incr
         end
         check_timer(self)
-        return sync_now(self)
+        local synced, err = run_sync(self, sync_now)
+        if synced == nil then
+            error(err, 0) -- the sync was ended first: the next is clean
+        end
+        return synced
     end
     return sync_lua(false, self)
 end

@@ -392,8 +392,9 @@ describe("resty.counter in nginx", function()
     end)
 
     it(
-        "error_metric_name: eviction lines are capped per sync, then one "
-            .. "summary line; the metric counts the sync once",
+        "error_metric_name: eviction lines stop at the worker's 100 per-key "
+            .. "lines a minute, one line says the rest are counted; the metric "
+            .. "counts the sync once",
         function()
             local small = ngx.shared.full
             small:flush_all()
@@ -414,14 +415,13 @@ describe("resty.counter in nginx", function()
                 evicted > 100,
                 "too few evictions to test: " .. evicted
             )
+            -- Earlier specs of this file may have spent some of the minute.
             local log = error_log_since(log_at)
-            assert.equal(100, count(log, "lru eviction: key=evictor-"))
+            local lines = count(log, "lru eviction: key=evictor-")
+            assert.is_true(lines >= 1 and lines <= 100, lines .. " lines")
             assert.equal(
                 1,
-                count(
-                    log,
-                    " more keys evicted other entries in " .. "this sync"
-                )
+                count(log, "logged 100 per-key lines in this minute")
             )
             assert.equal(1, sc:get("sync_errors"))
             small:flush_all()

@@ -220,6 +220,58 @@ describe("#integration the automatic sync heals itself", function()
         end
     )
 
+    it(
+        "a counter whose timer nginx refuses for good (lua_max_pending_timers "
+            .. "1, two counters) writes every increment straight to the dict",
+        function()
+            srv = nginx.start({
+                workers = 1,
+                http = [[
+      lua_max_pending_timers 1;
+      lua_shared_dict d 1m;
+      lua_shared_dict d2 1m;
+      init_worker_by_lua_block {
+        -- The first counter's timer takes the only slot, for good.
+        local H = require "spec.integration.helpers"
+        H.c = require("resty.counter").new("d", 0.1)
+        H.c2 = require("resty.counter").new("d2", 0.1)
+      }
+    ]],
+                server = COMMON_SERVER .. [[
+      location = /both {
+        content_by_lua_block {
+          local H = require "spec.integration.helpers"
+          for _ = 1, 100 do
+            H.c:incr("k")
+            H.c2:incr("k")
+          end
+        }
+      }
+    ]],
+            })
+            local function hundreds(n)
+                for _ = 1, n do
+                    assert.equal(200, (srv:get("/both")))
+                end
+            end
+            hundreds(3)
+            assert.equal(300, wait_for(srv, "k", 300, 5, "d2"))
+            assert.equal(300, wait_for(srv, "k", 300, 5, "d"))
+            srv:reload()
+            hundreds(3)
+            assert.equal(600, wait_for(srv, "k", 600, 5, "d2"))
+            assert.equal(600, wait_for(srv, "k", 600, 5, "d"))
+            srv:stop() -- its error.log whole
+            assert.equal(
+                2, -- one per generation of workers
+                H.count_matches(
+                    srv:error_log(),
+                    'cannot start the timer of shared dict "d2"'
+                )
+            )
+        end
+    )
+
     it("logs a refused timer once and its recovery once", function()
         srv = nginx.start({
             workers = 1,

@@ -2,6 +2,9 @@
 -- truncated, other-ABI or other-release file gives a clear error from
 -- new() naming the path, and never a signal; an upgrade by rename followed
 -- by a reload is seen by the new workers (the master loads no library).
+-- A worker runs a private copy of the file (a memfd, else a temporary file
+-- unlinked once loaded), so writing over the installed file in place
+-- never reaches a running worker.
 
 local nginx = require("spec.support.nginx")
 
@@ -21,34 +24,57 @@ local function tmpdir()
     return dir
 end
 
--- A stand-in library exporting the handshake with other values, built
--- with the system C compiler; `abi` nil: a foreign library (no handshake).
-local function stub(path, abi, version)
+-- A shared object built from C `source` with the system compiler.
+local function cc(path, source)
     local src = path .. ".c"
     local f = assert(io.open(src, "w"))
-    if abi then
-        f:write(
-            "#include <stdint.h>\n",
-            "uint32_t resty_counter_abi_version(void) { return ",
-            abi,
-            "; }\n",
-            'const char *resty_counter_version(void) { return "',
-            version,
-            '"; }\n'
-        )
-    else
-        f:write("int some_other_library(void) { return 0; }\n")
-    end
+    f:write(source)
     f:close()
     sh("cc -shared -fPIC -o " .. path .. " " .. src)
     os.remove(src)
 end
 
+-- A stand-in library exporting the handshake with other values; `abi`
+-- nil: a foreign library (no handshake).
+local function stub(path, abi, version)
+    if not abi then
+        return cc(path, "int some_other_library(void) { return 0; }\n")
+    end
+    cc(
+        path,
+        "#include <stdint.h>\n"
+            .. "uint32_t resty_counter_abi_version(void) { return "
+            .. abi
+            .. "; }\n"
+            .. 'const char *resty_counter_version(void) { return "'
+            .. version
+            .. '"; }\n'
+    )
+end
+
+-- For LD_PRELOAD: a memfd_create that fails as a kernel or a seccomp
+-- policy without it does, and, with `no_tmp`, an mkstemp that fails too.
+local function refusing(path, no_tmp)
+    local fail = "{ errno = ENOSYS; return -1; }\n"
+    cc(
+        path,
+        "#include <errno.h>\n"
+            .. "int memfd_create(const char *n, unsigned int f) "
+            .. fail
+            .. (
+                no_tmp
+                    and "int mkstemp(char *t) " .. fail .. "int mkstemp64(char *t) " .. fail
+                or ""
+            )
+    )
+end
+
 -- nginx whose workers look for the library only in `dir`; /t calls new()
--- and says whether it worked, or the error.
-local function start(dir, init)
+-- and says whether it worked, or the error. `opts`: more options of
+-- nginx.start (user, process_env).
+local function start(dir, init, opts)
     local cpath = dir .. "/?.so"
-    return nginx.start({
+    local o = {
         workers = 1,
         http = [[
       lua_shared_dict d 1m;
@@ -76,7 +102,42 @@ local function start(dir, init)
         }
       }
     ]],
-    })
+    }
+    for k, v in pairs(opts or {}) do
+        o[k] = v
+    end
+    return nginx.start(o)
+end
+
+local function inode(path)
+    return io.popen("stat -c %i " .. path):read("*l")
+end
+
+-- The lines of the workers' /proc/<pid>/maps that map the library: the
+-- installed file, a memfd copy or a temporary copy.
+local function library_mappings(srv, path)
+    local lines = {}
+    for _, pid in ipairs(srv:worker_pids()) do
+        for line in io.lines("/proc/" .. pid .. "/maps") do
+            if
+                line:find(path, 1, true)
+                or line:find("/memfd:libresty_counter.so", 1, true)
+                or line:find("/lua_%w+ %(deleted%)$")
+            then
+                lines[#lines + 1] = line
+            end
+        end
+    end
+    return table.concat(lines, "\n")
+end
+
+-- Counts through /i from `from` to `to`, each answer the dict's value.
+local function counts(srv, from, to)
+    for i = from, to do
+        local status, n = srv:get("/i")
+        assert.equal(200, status, n)
+        assert.equal(i .. "\n", n)
+    end
 end
 
 local function no_signal(srv)
@@ -96,9 +157,9 @@ describe("the native library loader #integration", function()
         sh("rm -rf " .. dir)
     end)
 
-    local function refused(prepare, pattern)
+    local function refused(prepare, pattern, opts)
         prepare(dir .. "/libresty_counter.so")
-        local srv = start(dir)
+        local srv = start(dir, nil, opts)
         local status, body = srv:get("/t")
         assert.equal(200, status, body)
         assert.matches("^false .*" .. pattern, body)
@@ -159,17 +220,87 @@ describe("the native library loader #integration", function()
         local p = dir .. "/libresty_counter.so"
         sh("cp " .. LIB .. " " .. p)
         local srv = start(dir)
-        local _, n = srv:get("/i")
-        assert.equal("1\n", n)
-        local inode = io.popen("stat -c %i " .. p):read("*l")
+        counts(srv, 1, 1)
         sh("install -m 644 " .. LIB .. " " .. p)
-        assert.not_equal(inode, io.popen("stat -c %i " .. p):read("*l"))
-        for i = 2, 20 do
-            _, n = srv:get("/i")
-            assert.equal(i .. "\n", n)
-        end
+        counts(srv, 2, 20)
         no_signal(srv)
     end)
+
+    -- Writing over the file in place (same inode, new bytes) used to reach
+    -- every worker that mapped it: SIGBUS or SIGSEGV at its next call.
+    local function survives_cp(opts)
+        local p = dir .. "/libresty_counter.so"
+        sh("cp " .. LIB .. " " .. p)
+        local srv = start(dir, nil, opts)
+        counts(srv, 1, 1)
+        local maps = library_mappings(srv, p)
+        assert.is_nil(maps:find(p, 1, true), maps)
+        assert.not_equal("", maps)
+        local before = inode(p)
+        stub(dir .. "/other.so", 2, "9.9.9")
+        sh("cp " .. dir .. "/other.so " .. p)
+        assert.equal(before, inode(p))
+        counts(srv, 2, 20) -- the running worker keeps its copy
+        no_signal(srv)
+
+        -- A reload reads the file now on disk: here, another release.
+        srv:reload()
+        local _, body = srv:get("/t")
+        assert.matches("is version 9%.9%.9 %(ABI 2%)", body)
+        sh("cp " .. LIB .. " " .. p) -- in place again, back to this release
+        srv:reload()
+        counts(srv, 21, 25)
+        no_signal(srv)
+        return maps
+    end
+
+    it(
+        "survives `cp` over the loaded library in place (a memfd copy)",
+        function()
+            local maps = survives_cp()
+            assert.matches(
+                "/memfd:libresty_counter.so (deleted)",
+                maps,
+                1,
+                true
+            )
+        end
+    )
+
+    it("loads a private copy in workers that run as nobody", function()
+        sh("chmod 755 " .. dir)
+        local maps = survives_cp({ user = "nobody nogroup" })
+        assert.matches("/memfd:libresty_counter.so (deleted)", maps, 1, true)
+    end)
+
+    it(
+        "falls back to a temporary file, unlinked, without memfd_create",
+        function()
+            local shim = dir .. "/refuse.so"
+            refusing(shim)
+            local maps = survives_cp({ process_env = { LD_PRELOAD = shim } })
+            assert.matches("/lua_%w+ %(deleted%)", maps)
+        end
+    )
+
+    it(
+        "refuses, naming both reasons, when no private copy can be made",
+        function()
+            local shim = dir .. "/refuse.so"
+            refusing(shim, true)
+            local body = refused(
+                function(p)
+                    sh("cp " .. LIB .. " " .. p)
+                end,
+                "cannot make a private copy of ",
+                {
+                    process_env = { LD_PRELOAD = shim },
+                }
+            )
+            assert.matches("memfd_create: ", body, 1, true)
+            assert.matches("temporary file: ", body, 1, true)
+        end
+    )
 
     it(
         "loads the library in the workers only, so a reload sees a "

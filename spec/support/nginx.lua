@@ -9,6 +9,11 @@
 --     http    = [[ lua_shared_dict d 1m; ]],   -- lines for the http block
 --     server  = [[ location /x { ... } ]],     -- lines for the server block
 --     env     = { FOO = "bar", "PATH" },       -- `env` directives
+--     process_env = { LD_PRELOAD = "/x.so" },  -- the environment nginx
+--                          -- itself starts with (its workers inherit
+--                          -- what it loads, not the variables)
+--     user    = "nobody",               -- the `user` directive; default:
+--                          -- root when started as root (see below)
 --     lua_path = "...", lua_cpath = "...",     -- extra entries, searched
 --                          -- after the project's own, before the defaults
 --     prefix  = "/some/empty/dir",      -- optional; else mktemp -d
@@ -291,7 +296,10 @@ end
 -- A master started as root runs its workers as `nobody`, who can read
 -- neither the 0700 prefix made by mktemp nor, often, the repository.
 -- These are throwaway servers on loopback, so the workers stay root.
-local function user_directive()
+local function user_directive(user)
+    if user then
+        return "user " .. user .. ";"
+    end
     return running_as_root() and "user root;" or ""
 end
 
@@ -356,7 +364,7 @@ local function render_conf(srv, opts)
     end
     return expand(CONF_TEMPLATE, {
         MAIN = f.main,
-        USER = user_directive(),
+        USER = user_directive(opts.user),
         WORKERS = tostring(srv.workers),
         PREFIX = srv.prefix,
         ENV = env_directives(opts.env, vars),
@@ -383,7 +391,13 @@ function Server:log_path(name)
 end
 
 function Server:nginx_command(extra)
+    local env = {}
+    for name, value in pairs(self.process_env or {}) do
+        env[#env + 1] = name .. "=" .. quote(value)
+    end
+    table.sort(env)
     return table.concat({
+        #env > 0 and "env " .. table.concat(env, " ") or "",
         quote(flavor.get().bin),
         extra or "",
         "-p",
@@ -481,7 +495,10 @@ function _M.start(opts)
             2
         )
     end
-    local srv = setmetatable({ workers = opts.workers or 1 }, Server)
+    local srv = setmetatable(
+        { workers = opts.workers or 1, process_env = opts.process_env },
+        Server
+    )
     srv.prefix, srv.owns_prefix = make_prefix(opts)
     srv.repo = REPO
     run(
