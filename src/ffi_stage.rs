@@ -12,7 +12,7 @@ use std::ptr;
 
 use crate::ffi::{FlusherHandle, bytes, guard, handle_and_key, handle_and_out};
 use crate::flush::{Outcome, Rejected};
-use crate::stage::{Lease, Published};
+use crate::stage::{Lease, Published, Stage, Worker};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
 
 /// A required pointer argument was NULL (as in ffi.rs).
@@ -51,6 +51,7 @@ const FOLD_CHUNK: usize = 64;
 pub struct StageHandle {
     zs: ZoneStage,
     cursor: usize,
+    whole_cursor: Option<usize>,
     folded: u64,
 }
 
@@ -143,6 +144,7 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
         Box::into_raw(Box::new(StageHandle {
             zs,
             cursor: 0,
+            whole_cursor: None,
             folded: 0,
         }))
     });
@@ -270,10 +272,13 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
 ///
 /// `whole == 0`: the automatic fold. Takes or renews the lease for
 /// `lease_ms` (else `RC_BUSY`), then folds from this worker's cursor until
-/// about `budget` seconds have passed or the round ends. `whole != 0`: the
+/// about `budget` seconds have passed or the round ends. `whole == 1`: the
 /// manual and exit fold. Tries the lease but folds one whole round from
 /// slot 0 either way (a second folder is harmless: each delta is taken by
-/// one CAS), without a budget.
+/// one CAS), without a budget. `whole == 2`: the same round in slices of
+/// about `budget` seconds (a `sync()` that may yield): it starts at slot 0
+/// unless this worker's sliced round is under way, which it continues
+/// (two syncs of one worker at once share the round).
 ///
 /// Writes `FOLD_FIELDS` doubles into `out` (NULL: none): deltas written,
 /// of which written with evictions, and deltas not written (kept pending
@@ -319,27 +324,25 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
             }
             Ok(_) | Err(Rejected::BadKey | Rejected::BadDelta) => tally[2] += 1,
         };
-        let done = if whole != 0 {
-            let mut cursor = 0usize;
-            while !st.fold(me, &mut cursor, usize::MAX, &alive, &mut sink).done {}
-            true
+        let budget = if budget.is_finite() && budget > 0.0 {
+            budget
         } else {
-            let start = std::time::Instant::now();
-            let budget = if budget.is_finite() && budget > 0.0 {
-                budget
-            } else {
-                0.0
-            };
-            loop {
-                if st
-                    .fold(me, &mut h.cursor, FOLD_CHUNK, &alive, &mut sink)
-                    .done
-                {
-                    break true;
+            0.0
+        };
+        let done = match whole {
+            0 => fold_for(st, me, &mut h.cursor, budget, &mut sink),
+            2 => {
+                let cursor = h.whole_cursor.get_or_insert(0);
+                let done = fold_for(st, me, cursor, budget, &mut sink);
+                if done {
+                    h.whole_cursor = None;
                 }
-                if start.elapsed().as_secs_f64() >= budget {
-                    break false;
-                }
+                done
+            }
+            _ => {
+                let mut cursor = 0usize;
+                while !st.fold(me, &mut cursor, usize::MAX, &alive, &mut sink).done {}
+                true
             }
         };
         if done {
@@ -355,6 +358,26 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
         }
         i32::from(done)
     })
+}
+
+/// Folds from `*cursor` in chunks of `FOLD_CHUNK` slots until the round
+/// ends (true) or about `budget` seconds have passed (false).
+fn fold_for(
+    st: Stage<'static>,
+    me: Worker,
+    cursor: &mut usize,
+    budget: f64,
+    sink: &mut impl FnMut(&[u8], f64),
+) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if st.fold(me, cursor, FOLD_CHUNK, &alive, &mut *sink).done {
+            return true;
+        }
+        if start.elapsed().as_secs_f64() >= budget {
+            return false;
+        }
+    }
 }
 
 /// What `resty_counter_stage_info` reports, declared field by field in the

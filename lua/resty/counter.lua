@@ -36,7 +36,7 @@ local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED, STAGE_FULL = 0, 1 -- resty_counter_stage_publish: in it, full
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 local FOLD_FIELDS = 3
-local BATCH = 256 -- keys per resty_counter_stage_publish_batch
+local BATCH = 256 -- keys per batch handed over (stage publish or dict write)
 
 local clear_tab
 do
@@ -618,7 +618,7 @@ end
 -- handed over, self.cursor moves past them, then the outcomes are
 -- reported: a sync that raises while reporting does not hand them over
 -- twice when the next one goes on.
-local function publish_batch(self, st, m)
+local function publish_batch(self, m, st)
     local staged = lib.resty_counter_stage_publish_batch(
         st,
         batch_keys,
@@ -655,49 +655,61 @@ local function publish_batch(self, st, m)
     end
 end
 
--- Hands the drained buffer over, from self.cursor on: into the stage `st`
--- if given, BATCH keys per call (a key it refuses, full or too long, is
+-- Writes the first m pairs of the batch arrays into the dict in one call;
+-- as publish_batch, self.cursor moves past them before any is reported.
+local function write_batch(self, m)
+    local stored = lib.resty_counter_flusher_write_batch(
+        self.handle,
+        batch_keys,
+        batch_lens,
+        batch_deltas,
+        m,
+        batch_rcs
+    )
+    self.cursor = batch_strs[m - 1]
+    if stored == m then
+        return
+    end
+    for i = 0, m - 1 do
+        local rc = stored < 0 and stored or batch_rcs[i]
+        if rc ~= RC_STORED then
+            report(self, batch_strs[i], rc)
+        end
+    end
+end
+
+-- Hands the drained buffer over, from self.cursor on, BATCH keys per call:
+-- into the stage `st` if given (a key it refuses, full or too long, is
 -- written directly), else straight into the dict. With a budget, stops
 -- after about that many seconds and returns false (not done); the caller
 -- yields and comes back. Without, runs to the end and returns true.
--- self.cursor is the last key handed over, so that a drain cut short by an
--- error (raised in report, say) goes on after it at the next sync, and no
--- delta is handed over twice or skipped.
 local function drain(self, budget, st)
-    local t, h = self.draining, self.handle
-    local add = lib.resty_counter_flusher_write
+    local t = self.draining
+    local flush = st and publish_batch or write_batch
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n, m = self.drained or 0, 0
     for key, delta in next, t, self.cursor do
-        if st then
-            -- A Lua string converts to a pointer into itself; `t` keeps
-            -- every key alive until the batch is published.
-            batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
-            batch_strs[m] = key
-            m = m + 1
-            if m == BATCH then
-                publish_batch(self, st, m)
-                m = 0
-            end
-        else
-            local rc = add(h, key, #key, delta)
-            self.cursor = key
-            if rc ~= RC_STORED then
-                report(self, key, rc)
-            end
+        -- A Lua string converts to a pointer into itself; `t` keeps every
+        -- key alive until the batch is handed over.
+        batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+        batch_strs[m] = key
+        m = m + 1
+        if m == BATCH then
+            flush(self, m, st)
+            m = 0
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             if m > 0 then
-                publish_batch(self, st, m)
+                flush(self, m, st)
             end
             self.drained = n
             return false
         end
     end
     if m > 0 then
-        publish_batch(self, st, m)
+        flush(self, m, st)
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
@@ -807,16 +819,18 @@ local function lease_ms(self)
     return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS * 1000)
 end
 
--- The automatic fold: once per interval, the worker that holds (or takes)
--- the lease folds the stage in slices of about SLICE_SECONDS, every delta
--- going through the flusher like a direct write. Others return at once.
-local function fold_sliced(self)
+-- Folds the stage in slices of about SLICE_SECONDS with a pause between,
+-- every delta going through the flusher like a direct write. mode 0: the
+-- automatic fold, once per interval by the worker that holds (or takes)
+-- the lease; others return at once. mode 2: a whole round whoever holds
+-- the lease (a sync() that may yield).
+local function fold_sliced(self, mode)
     local st = self.stage
     while st do
         local rc = lib.resty_counter_stage_fold(
             st,
             self.handle,
-            0,
+            mode or 0,
             lease_ms(self),
             SLICE_SECONDS,
             fold_out
@@ -997,6 +1011,39 @@ local function sync_now(self)
         if ngx.worker.exiting() then
             leave_stage(self)
         end
+    end
+end
+
+-- sync() where it may yield (YIELDING_PHASES, the worker not exiting): what
+-- sync_now does, in slices of about SLICE_SECONDS with a pause between, so
+-- that a collector's sync before each scrape never stalls the worker. This
+-- worker's buffer goes into the dict directly, never through the stage, so
+-- it is there when sync() returns; a drain the automatic sync left between
+-- two of its slices is finished here (both go on from self.cursor, so each
+-- key is handed over once). Then the whole stage is folded once.
+local YIELDING_PHASES = {
+    rewrite = true,
+    access = true,
+    content = true,
+    timer = true,
+    preread = true,
+}
+local function sync_yielding(self)
+    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
+        ngx.sleep(SLICE_PAUSE)
+    end
+    -- A drain left under way, then this worker's buffer as of now.
+    local swapped = false
+    repeat
+        while self.draining do
+            if not drain(self, SLICE_SECONDS) then
+                ngx.sleep(SLICE_PAUSE)
+            end
+        end
+        swapped = not swapped and swap(self)
+    until not swapped
+    if stage_of(self) then
+        fold_sliced(self, 2)
     end
 end
 
@@ -1444,7 +1491,10 @@ function _M.sync(self)
             return true -- the master, or a worker before its first incr
         end
         check_timer(self)
-        local synced, err = run_sync(self, sync_now)
+        local yielding = YIELDING_PHASES[ngx.get_phase()]
+            and not ngx.worker.exiting()
+        local synced, err =
+            run_sync(self, yielding and sync_yielding or sync_now)
         if synced == nil then
             error(err, 0) -- the sync was ended first: the next is clean
         end

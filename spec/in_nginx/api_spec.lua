@@ -522,4 +522,51 @@ describe("resty.counter in nginx", function()
             assert.equal("native", counter.new("counters"):stats().mode)
         end
     )
+
+    it(
+        "sync() where it may yield (a scrape in the content phase) yields "
+            .. "between slices and returns with everything written",
+        function()
+            local K = 30000
+            for i = 1, K do
+                c:incr("y" .. i, i)
+            end
+            -- A 0 s timer runs at the event loop's next turn: during sync()
+            -- only if sync() yields to the loop.
+            local in_sync, seen = false, false
+            local function probe(premature)
+                seen = not premature and in_sync
+            end
+            in_sync = true
+            assert(ngx.timer.at(0, probe))
+            assert.is_true(c:sync())
+            in_sync = false
+            assert.is_true(seen, "the event loop never ran during sync()")
+            local wrong = 0
+            for i = 1, K do
+                if dict:get("y" .. i) ~= i then
+                    wrong = wrong + 1
+                end
+            end
+            assert.equal(0, wrong, "keys not in the dict when sync() returned")
+        end
+    )
+
+    it(
+        "sync() where it cannot yield (log phase) runs to the end at once",
+        function()
+            local http = require("spec.support.http")
+            local status, body = http.get("/__sync_in_log?n=20000")
+            assert.equal(200, status, body)
+            local done
+            for _ = 1, 100 do
+                done = ngx.shared.counters2:get("log-sync-done")
+                if done then
+                    break
+                end
+                ngx.sleep(0.05)
+            end
+            assert.equal("true 20000", done)
+        end
+    )
 end)
