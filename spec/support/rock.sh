@@ -104,18 +104,12 @@ http {
         }
         location = /where {
             content_by_lua_block {
+                -- The worker runs a private copy of the library (its maps
+                -- show a memfd): the loader says whose bytes those are.
                 local counter = require "resty.counter"
-                local lib = "?"
-                for line in io.lines("/proc/self/maps") do
-                    local path = line:match("(/%S*libresty_counter%.so)")
-                    if path then
-                        lib = path
-                        break
-                    end
-                end
                 ngx.say(counter.new("counters"):stats().mode)
                 ngx.say((debug.getinfo(counter.new, "S").source:gsub("^@", "")))
-                ngx.say(lib)
+                ngx.say(require("resty.counter.loader").path or "?")
             }
         }
     }

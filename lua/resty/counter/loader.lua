@@ -272,7 +272,9 @@ end
 -- Finds the library through `cpath`, the one mechanism, so a source tree
 -- (target/release/?.so) and a LuaRocks tree work the same way.
 -- want = { name = "libresty_counter", abi = n, version = "x.y.z",
---          shim = "<the shim's path>" }. Returns the library or nil, err.
+--          shim = "<the shim's path>" }. Returns the library and the path
+-- whose bytes it runs (also left in _M.path: a worker's maps show only
+-- the private copy), or nil, err.
 function _M.load(cpath, want)
     local tried = {}
     for template in cpath:gmatch("[^;]+") do
@@ -280,6 +282,7 @@ function _M.load(cpath, want)
             local path = template:gsub("%?", want.name)
             local found, why = try(path, want)
             if found then
+                _M.path = path
                 return found, path
             end
             if type(why) == "table" then
