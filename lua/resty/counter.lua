@@ -36,7 +36,7 @@ local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED, STAGE_FULL = 0, 1 -- resty_counter_stage_publish: in it, full
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 local FOLD_FIELDS = 3
-local BATCH = 256 -- keys per batch handed over (stage publish or dict write)
+local BATCH = 256 -- keys per resty_counter_stage_publish_batch
 
 local clear_tab
 do
@@ -122,9 +122,6 @@ resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
 void resty_counter_flusher_free(resty_counter_flusher *h);
 int32_t resty_counter_flusher_write(resty_counter_flusher *h,
     const unsigned char *key, size_t key_len, double delta);
-int32_t resty_counter_flusher_write_batch(resty_counter_flusher *h,
-    const unsigned char **keys, const size_t *lens, const double *deltas,
-    uint32_t n, int32_t *rcs);
 int32_t resty_counter_flusher_begin(resty_counter_flusher *h);
 int32_t resty_counter_flusher_retry(resty_counter_flusher *h, double budget);
 typedef struct {
@@ -655,61 +652,48 @@ local function publish_batch(self, m, st)
     end
 end
 
--- Writes the first m pairs of the batch arrays into the dict in one call;
--- as publish_batch, self.cursor moves past them before any is reported.
-local function write_batch(self, m)
-    local stored = lib.resty_counter_flusher_write_batch(
-        self.handle,
-        batch_keys,
-        batch_lens,
-        batch_deltas,
-        m,
-        batch_rcs
-    )
-    self.cursor = batch_strs[m - 1]
-    if stored == m then
-        return
-    end
-    for i = 0, m - 1 do
-        local rc = stored < 0 and stored or batch_rcs[i]
-        if rc ~= RC_STORED then
-            report(self, batch_strs[i], rc)
-        end
-    end
-end
-
--- Hands the drained buffer over, from self.cursor on, BATCH keys per call:
--- into the stage `st` if given (a key it refuses, full or too long, is
--- written directly), else straight into the dict. With a budget, stops
--- after about that many seconds and returns false (not done); the caller
--- yields and comes back. Without, runs to the end and returns true.
+-- Hands the drained buffer over, from self.cursor on: into the stage `st`
+-- if given, BATCH keys per call (a key it refuses, full or too long, is
+-- written directly), else straight into the dict, key by key (handing the
+-- direct writes over in batches measured no faster: the dict's own write
+-- is the cost). With a budget, stops after about that many seconds and
+-- returns false (not done); the caller yields and comes back. Without,
+-- runs to the end and returns true.
 local function drain(self, budget, st)
-    local t = self.draining
-    local flush = st and publish_batch or write_batch
+    local t, h = self.draining, self.handle
+    local add = lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n, m = self.drained or 0, 0
     for key, delta in next, t, self.cursor do
-        -- A Lua string converts to a pointer into itself; `t` keeps every
-        -- key alive until the batch is handed over.
-        batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
-        batch_strs[m] = key
-        m = m + 1
-        if m == BATCH then
-            flush(self, m, st)
-            m = 0
+        if st then
+            -- A Lua string converts to a pointer into itself; `t` keeps
+            -- every key alive until the batch is published.
+            batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+            batch_strs[m] = key
+            m = m + 1
+            if m == BATCH then
+                publish_batch(self, m, st)
+                m = 0
+            end
+        else
+            local rc = add(h, key, #key, delta)
+            self.cursor = key
+            if rc ~= RC_STORED then
+                report(self, key, rc)
+            end
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             if m > 0 then
-                flush(self, m, st)
+                publish_batch(self, m, st)
             end
             self.drained = n
             return false
         end
     end
     if m > 0 then
-        flush(self, m, st)
+        publish_batch(self, m, st)
     end
     self.draining, self.cursor, self.drained = nil, nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
