@@ -20,6 +20,55 @@
 //! - into nginx: `shdict.rs` calls lua-nginx-module's
 //!   `*_ffi_shdict_incr` and `*_ffi_shdict_store` directly.
 //!
+//! The calls one count goes through, top-down (names as in the code):
+//!
+//! Direct path (one worker, no stage zone, `stage = false`, or an attach
+//! that failed):
+//! 1. `_M.incr` (`lua/resty/counter.lua`) adds the step into `self.buf`, a
+//!    Lua table; the first increment of a key in an interval, and every bad
+//!    input, goes through `incr_slow`.
+//! 2. `tick`, the dict's `ngx.timer.every` callback, calls
+//!    `run_sync(self, sync_sliced)`: `resty_counter_flusher_begin`, the body,
+//!    then `end_sync` (`resty_counter_flusher_end`).
+//! 3. `sync_sliced` calls `resty_counter_flusher_retry(h, SLICE_SECONDS)`
+//!    until it returns 0 (an `ngx.sleep(SLICE_PAUSE)` between calls), then
+//!    `swap` (the buffer moves to `self.draining`, a spare table takes its
+//!    place), then `drain(self, SLICE_SECONDS, nil)` until it returns true,
+//!    sleeping `SLICE_PAUSE` between slices. A manual `c:sync()` runs
+//!    `sync_yielding` (the same in slices, never through the stage) or, in
+//!    phases that cannot yield and at exit, `sync_now` (no budget).
+//! 4. `drain` calls `resty_counter_flusher_write` (`ffi.rs`) once per key,
+//!    and `report` for any result but `RC_STORED`.
+//! 5. [`flush::Flusher::add`] merges the key's pending delta, if any, and
+//!    writes (`write_new`); [`flush::Flusher::retry`] writes pending ones.
+//! 6. [`shdict::ShDict`]'s [`flush::Dict::incr`] is `incr_or_add`:
+//!    `*_ffi_shdict_incr` without init, then `*_ffi_shdict_store` (ADD) for
+//!    a new key.
+//!
+//! Staged path (two or more workers and a stage zone):
+//! 1. `_M.incr` as above.
+//! 2. `tick` → `run_sync(self, sync_sliced)` as above.
+//! 3. `sync_sliced`: the retries and `swap` as above, then `stage_of`
+//!    (at a worker's first sync `resty_counter_stage_attach` in
+//!    `ffi_stage.rs`: `zone::ZoneStage::attach`, which finds or makes the
+//!    dict's region through the [`directory::Directory`]), then
+//!    `drain(self, SLICE_SECONDS, self.stage)` per slice.
+//! 4. `drain` fills the batch arrays and calls `publish_batch` every
+//!    `BATCH` keys and at a slice's end: `resty_counter_stage_publish_batch`
+//!    → [`stage::Stage::publish_many`]; each pair the stage refuses (full,
+//!    too long) goes to `resty_counter_flusher_write` at once, as on the
+//!    direct path (`fallback_writes`).
+//! 5. `fold_sliced(self)` (mode 0) calls `resty_counter_stage_fold` with
+//!    `SLICE_SECONDS` until it returns 1 (round done) or `RC_BUSY` (another
+//!    worker holds the lease), sleeping `SLICE_PAUSE` between calls; then
+//!    `count_fold`. In Rust: the lease ([`stage::Stage::lease`]),
+//!    `fold_for` in chunks of `FOLD_CHUNK` slots ([`stage::Stage::fold`]),
+//!    each taken (key, delta) into [`flush::Flusher::add`], then steps 5-6
+//!    of the direct path; at a round's end `zone::ZoneStage::tend`.
+//! 6. A manual `c:sync()` writes this worker's buffer directly
+//!    (`sync_yielding` or `sync_now`) and then folds the whole stage:
+//!    `fold_sliced(self, 2)` or `fold_whole` (mode 1).
+//!
 //! `unsafe` lives in `ffi.rs`, `ffi_stage.rs`, `shdict.rs` and `zone.rs`
 //! only, each block with a `// SAFETY:` line; `stage.rs` and
 //! `directory.rs` are safe Rust over slices of atomics.
