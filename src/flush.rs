@@ -127,7 +127,8 @@ impl Default for Limits {
     }
 }
 
-/// Counters a worker reports through `stats()`; see the README for each.
+/// Counters a worker reports through `stats()`; each field is described in
+/// `docs/API.md` ("`c:stats()`").
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
     pub pending_keys: u64,

@@ -1040,8 +1040,10 @@ local function sync_sliced(self)
     if not self.draining then
         swap(self)
     end
-    -- A manual sync() may finish the drain between two slices; it runs to
-    -- the end without yielding, so draining is then nil.
+    -- A manual sync() may finish the drain between two slices: sync_now at
+    -- once, sync_yielding in slices of its own; both go on from
+    -- self.cursor, so each key is handed over once, and draining is nil
+    -- when the drain is done, whoever finished it.
     stage_of(self)
     while self.draining do
         if not drain(self, SLICE_SECONDS, self.stage) then
@@ -1524,7 +1526,8 @@ function _M.get_keys(self, max_count)
     return self.dict:get_keys(max_count)
 end
 
--- What this worker holds and has done for this dict; see the README.
+-- What this worker holds and has done for this dict; every field is
+-- described in docs/API.md ("c:stats()").
 function _M.stats(self)
     local s = {
         mode = self.native and "native" or "lua",
