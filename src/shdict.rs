@@ -74,7 +74,7 @@ pub enum OpenError {
 }
 
 /// Symbol prefixes to try, in order, for a subsystem (`ngx.config.subsystem`).
-pub(crate) fn prefixes(subsystem: &[u8]) -> &'static [&'static str] {
+fn prefixes(subsystem: &[u8]) -> &'static [&'static str] {
     match subsystem {
         b"stream" => &["ngx_stream_lua", "ngx_meta_lua"],
         _ => &["ngx_http_lua", "ngx_meta_lua"],
@@ -435,6 +435,14 @@ mod tests {
             zone.map.insert(key, num);
             return NGX_OK;
         }
+        if op == SHDICT_SET {
+            if zone.full {
+                return fail(err, NO_MEMORY);
+            }
+            zone.string_key = zone.string_key.take().filter(|k| *k != key);
+            zone.map.insert(key, num);
+            return NGX_OK;
+        }
         assert_eq!(op, SHDICT_ADD);
         zone.adds += 1;
         if let Some(at) = zone.raced.iter().position(|k| *k == key) {
@@ -458,6 +466,26 @@ mod tests {
         let zone = NonNull::from(zone).cast();
         // SAFETY: (test) the fakes implement the contract over Zone.
         unsafe { ShDict::with_entries(zone, fake_incr, fake_store) }
+    }
+
+    #[test]
+    fn a_number_is_read_added_only_when_missing_and_set_over_anything() {
+        let mut z = Zone::default();
+        let mut d = dict(&mut z);
+        assert_eq!(d.read_number(b"dir"), Ok(None));
+        assert_eq!(d.add_number(b"dir", 4096.0), Ok(true));
+        assert_eq!(d.add_number(b"dir", 8192.0), Ok(false), "exists");
+        assert_eq!(d.read_number(b"dir"), Ok(Some(4096.0)));
+        assert_eq!(d.set_number(b"dir", 12288.0), Ok(()));
+        assert_eq!(d.read_number(b"dir"), Ok(Some(12288.0)));
+        z.string_key = Some(b"dir".to_vec());
+        let mut d = dict(&mut z);
+        assert_eq!(d.read_number(b"dir"), Err(DictError::NotANumber));
+        assert_eq!(d.set_number(b"dir", 4096.0), Ok(()), "set over a string");
+        assert_eq!(d.read_number(b"dir"), Ok(Some(4096.0)));
+        z.full = true;
+        let mut d = dict(&mut z);
+        assert_eq!(d.set_number(b"other", 1.0), Err(DictError::NoMemory));
     }
 
     #[test]
