@@ -187,7 +187,8 @@ struct Slab {
 }
 
 impl Slab {
-    fn find() -> Result<Self, AttachError> {
+    /// nginx's allocator over the zone whose memory is `pool`.
+    fn find(pool: Mem) -> Result<Self, AttachError> {
         let (Some(calloc), Some(free)) = (lookup("ngx_slab_calloc"), lookup("ngx_slab_free"))
         else {
             return Err(AttachError::NoSlab);
@@ -200,11 +201,7 @@ impl Slab {
                 std::mem::transmute::<*mut c_void, SlabFreeFn>(free.as_ptr()),
             )
         };
-        Ok(Slab {
-            pool: Mem { addr: 0, size: 0 },
-            calloc,
-            free,
-        })
+        Ok(Slab { pool, calloc, free })
     }
 
     /// `bytes` zeroed bytes of the pool: their offset, checked to lie
@@ -426,8 +423,7 @@ impl ZoneStage {
         if pool.size < DIRECTORY_BYTES + MIN_STAGE_BYTES + 8192 {
             return Err(AttachError::ZoneTooSmall);
         }
-        let mut slab = Slab::find()?;
-        slab.pool = pool;
+        let slab = Slab::find(pool)?;
         let (dir, dir_offset) = find_directory(&mut key, slab)?;
         let me = my_pid();
         let deadline = Instant::now() + LOCK_WAIT;
