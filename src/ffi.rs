@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -185,6 +185,18 @@ pub extern "C" fn resty_counter_clock() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Whether this worker's event loop has work waiting (`event_loop.rs`):
+/// 1 waiting, 0 nothing waits, -1 cannot tell. A sliced sync pauses
+/// between two slices unless this says 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_loop_waiting() -> i32 {
+    guard(-1, || match crate::event_loop::waiting() {
+        crate::event_loop::Waiting::Idle => 0,
+        crate::event_loop::Waiting::Busy => 1,
+        crate::event_loop::Waiting::Unknown => -1,
+    })
 }
 
 /// Creates the flush state for one dict in this worker.

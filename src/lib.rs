@@ -69,14 +69,15 @@
 //!    (`sync_yielding` or `sync_now`) and then folds the whole stage:
 //!    `fold_sliced(self, 2)` or `fold_whole` (mode 1).
 //!
-//! `unsafe` lives in `ffi.rs`, `ffi_stage.rs`, `shdict.rs` and `zone.rs`
-//! only, each block with a `// SAFETY:` line; `stage.rs` and
+//! `unsafe` lives in `ffi.rs`, `ffi_stage.rs`, `shdict.rs`, `zone.rs` and
+//! `event_loop.rs` only, each block with a `// SAFETY:` line; `stage.rs` and
 //! `directory.rs` are safe Rust over slices of atomics.
 
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 // Under loom the directory's atomics are loom's too.
 pub mod directory;
+pub mod event_loop;
 pub mod ffi;
 // Under loom the stage's atomics are loom's, which nginx memory cannot be.
 #[cfg(not(loom))]

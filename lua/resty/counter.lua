@@ -21,12 +21,13 @@ local math_huge = math.huge
 local _M = { _VERSION = "0.3.0" }
 local mt = { __index = _M }
 
-local ABI_VERSION = 9
+local ABI_VERSION = 10
 local LIB_NAME = "libresty_counter"
 local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
--- The pause between slices. ngx.sleep(0) needs OpenResty's delayed-events
--- nginx patch; without it (Debian's nginx) it still waits for a timer
--- cycle, but logs a WARN each time. 1 ms lets the event loop run there too.
+-- The pause between slices, taken only when the event loop has work
+-- waiting (see pause). ngx.sleep(0) needs OpenResty's delayed-events nginx
+-- patch; without it (Debian's nginx) it still waits for a timer cycle, but
+-- logs a WARN each time. 1 ms lets the event loop run there too.
 local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32 -- keys between two looks at the clock
 local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
@@ -117,6 +118,7 @@ uint32_t resty_counter_abi_version(void);
 const char *resty_counter_version(void);
 const char *resty_counter_strerror(int32_t code);
 double resty_counter_clock(void);
+int32_t resty_counter_loop_waiting(void);
 resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
     size_t subsystem_len, void *zone_udata, int32_t *err);
 void resty_counter_flusher_free(resty_counter_flusher *h);
@@ -799,6 +801,17 @@ local function count_fold(self)
     end
 end
 
+-- The pause between two slices of a sync: ngx.sleep(SLICE_PAUSE), but
+-- only while the event loop has work waiting (an I/O event, a timer due,
+-- a posted event: src/event_loop.rs); with nothing waiting the next slice
+-- runs at once, as an idle worker's pause would only cost CPU (an idle
+-- millisecond, then cold caches).
+local function pause()
+    if lib.resty_counter_loop_waiting() ~= 0 then
+        ngx.sleep(SLICE_PAUSE)
+    end
+end
+
 local function lease_ms(self)
     return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS * 1000)
 end
@@ -826,7 +839,7 @@ local function fold_sliced(self, mode)
         if rc == 1 then
             return
         end
-        ngx.sleep(SLICE_PAUSE)
+        pause()
         if self.stage ~= st then
             return -- the worker left the stage meanwhile (exit)
         end
@@ -1014,14 +1027,14 @@ local YIELDING_PHASES = {
 }
 local function sync_yielding(self)
     while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
-        ngx.sleep(SLICE_PAUSE)
+        pause()
     end
     -- A drain left under way, then this worker's buffer as of now.
     local swapped = false
     repeat
         while self.draining do
             if not drain(self, SLICE_SECONDS) then
-                ngx.sleep(SLICE_PAUSE)
+                pause()
             end
         end
         swapped = not swapped and swap(self)
@@ -1031,11 +1044,12 @@ local function sync_yielding(self)
     end
 end
 
--- The automatic sync: slices of about SLICE_SECONDS with a short sleep
--- between them, so thousands of keys never stall the event loop.
+-- The automatic sync: slices of about SLICE_SECONDS with a pause between
+-- them when the event loop has work waiting, so thousands of keys never
+-- stall the event loop.
 local function sync_sliced(self)
     while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
-        ngx.sleep(SLICE_PAUSE)
+        pause()
     end
     if not self.draining then
         swap(self)
@@ -1047,7 +1061,7 @@ local function sync_sliced(self)
     stage_of(self)
     while self.draining do
         if not drain(self, SLICE_SECONDS, self.stage) then
-            ngx.sleep(SLICE_PAUSE)
+            pause()
         end
     end
     fold_sliced(self)

@@ -553,6 +553,76 @@ describe("resty.counter in nginx", function()
     )
 
     it(
+        "sync() where it may yield pauses only when the event loop has work "
+            .. "waiting: none, no pause",
+        function()
+            -- ngx.now() is the event loop's clock, updated at each of its
+            -- turns: unchanged across sync() means the loop never ran, so
+            -- no slice paused. 5,000 new keys take several slices. Another
+            -- timer of this worker may fall due during a sync (counters2's
+            -- runs every 50 ms), and then it pauses, rightly: five tries.
+            local K = 5000
+            local never_ran, wrong = false, 0
+            for try = 1, 5 do
+                for i = 1, K do
+                    c:incr("w" .. try .. "-" .. i, 1)
+                end
+                local before = ngx.now()
+                assert.is_true(c:sync())
+                if ngx.now() == before then
+                    never_ran = true
+                    for i = 1, K do
+                        if dict:get("w" .. try .. "-" .. i) ~= 1 then
+                            wrong = wrong + 1
+                        end
+                    end
+                    break
+                end
+            end
+            assert.is_true(never_ran, "sync() paused with nothing waiting")
+            assert.equal(0, wrong, "keys not in the dict when sync() returned")
+        end
+    )
+
+    it(
+        "sync() where it may yield pauses for a request waiting on a socket",
+        function()
+            local http = require("spec.support.http")
+            local K = 5000
+            for i = 1, K do
+                c:incr("v" .. i, 1)
+            end
+            -- A light thread sends a request to this server and waits for
+            -- the answer on its socket. Whichever worker serves it, this
+            -- worker has I/O waiting while sync() runs (the connection to
+            -- accept, or the answer to read), and the thread sees the
+            -- answer during the sync only if a slice pauses for it. A
+            -- timer falling due makes a slice pause too; 5,000 keys keep
+            -- the sync short enough for that to be rare. Five tries.
+            local during = false
+            for _ = 1, 5 do
+                local in_sync, answered_in_sync = false, false
+                local t = ngx.thread.spawn(function()
+                    local status = http.get("/__ping")
+                    answered_in_sync = status == 200 and in_sync
+                end)
+                in_sync = true
+                assert.is_true(c:sync())
+                in_sync = false
+                ngx.thread.wait(t)
+                if answered_in_sync then
+                    during = true
+                    break
+                end
+                for i = 1, K do
+                    c:incr("v" .. i, 1)
+                end
+            end
+            assert.is_true(during, "the request waited for sync() to end")
+        end
+    )
+
+    it(
         "sync() where it cannot yield (log phase) runs to the end at once",
         function()
             local http = require("spec.support.http")
