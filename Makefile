@@ -8,7 +8,7 @@ BUSTED ?= $(shell command -v busted || echo /usr/bin/busted)
 
 .PHONY: all build deps test test-rust test-lua test-nginx test-integration \
         test-long test-rock test-examples test-openresty test-stream \
-        test-install-deps lint demo bench rock clean
+        test-install-deps test-openresty-env lint demo bench rock clean
 
 all: build
 
@@ -21,7 +21,7 @@ deps:
 # Rust unit tests and the ABI drift check, then busted specs inside a real
 # nginx, then multi-worker integration against a real nginx on loopback.
 test: deps build test-rust test-lua test-nginx test-integration test-examples \
-      test-rock test-stream test-install-deps
+      test-rock test-stream test-install-deps test-openresty-env
 
 # The loom model checks of the shared stage build into their own target
 # directory, so they do not invalidate the normal build.
@@ -60,10 +60,16 @@ test-rock:
 	spec/rock_test.sh
 	spec/binary_rock_test.sh
 
-# tools/install-deps stops only a system nginx its own install started
-# (stand-in apt-get; installs nothing).
+# tools/install-deps installs what each target runs and stops only a
+# system nginx its own install started (stand-in apt-get; installs nothing).
 test-install-deps:
 	spec/install_deps_test.sh
+
+# tools/openresty-env takes only an OpenResty with stream lua and resty.core,
+# builds nothing when NGINX_BIN is set, and refuses a tarball that is not
+# OpenResty's release (stand-in nginx binaries; builds nothing).
+test-openresty-env:
+	spec/openresty_env_test.sh
 
 # The stream subsystem (a stream {} block): needs an nginx with stream lua,
 # which Debian's has not (the specs then say so and skip).
@@ -71,11 +77,15 @@ test-stream: build
 	$(LUAJIT) $(BUSTED) --run=stream
 
 # The nginx specs, integration specs, examples, rock test and stream specs
-# again on OpenResty 1.29.2.3, built (once, cached) by tools/build-openresty
-# from OPENRESTY_SRC. Fails when the sources are missing.
+# again on OpenResty, the one tools/openresty-env names: an installed one
+# (NGINX_BIN=/usr/local/openresty/nginx/sbin/nginx make test-openresty),
+# else one tools/build-openresty builds once (cached) from the release
+# tarball (OPENRESTY_TARBALL=.../openresty-1.29.2.3.tar.gz), else from
+# OpenResty's component sources (OPENRESTY_SRC, the offline build CI uses).
 OPENRESTY_ENV = target/openresty.env
-test-openresty: deps build
-	tools/build-openresty > $(OPENRESTY_ENV).tmp
+test-openresty: build
+	tools/install-deps openresty
+	tools/openresty-env > $(OPENRESTY_ENV).tmp
 	mv $(OPENRESTY_ENV).tmp $(OPENRESTY_ENV)
 	set -a && . ./$(OPENRESTY_ENV) && SPEC_REQUIRE_STREAM=1 && \
 	  $(MAKE) --no-print-directory test-nginx test-integration test-examples \

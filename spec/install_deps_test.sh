@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # tools/install-deps stops a system nginx only when its own package install
 # started it: an nginx that ran before the install is the machine's and
-# keeps running. apt-get, dpkg-query and id are stand-ins on PATH (nothing
-# is installed); a "system nginx" is a process that exits on QUIT, as nginx
-# does, whose pid is in a pid file given by NGINX_SYSTEM_PID_FILE.
+# keeps running. apt-get, dpkg-query, id and cargo are stand-ins on PATH
+# (nothing is installed); a "system nginx" is a process that exits on QUIT,
+# as nginx does, whose pid is in a pid file given by NGINX_SYSTEM_PID_FILE.
+# It installs only what a target runs: `test` and `openresty` no linters,
+# `openresty` and any target with NGINX_BIN set no Debian nginx.
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,9 +33,12 @@ exec perl -e '$SIG{QUIT} = sub { exit 0 };
   open(my $f, ">", "$ARGV[0].tmp") or die; print $f "$$\n"; close $f;
   rename("$ARGV[0].tmp", $ARGV[0]) or die; sleep 300' "$1"
 SH
-# Every package is missing; the caller runs as root.
+# Every package is missing, StyLua too; the caller runs as root; cargo
+# (StyLua's install) only leaves a trace.
 printf '#!/bin/sh\nexit 1\n' >"$work/bin/dpkg-query"
+printf '#!/bin/sh\nexit 1\n' >"$work/bin/stylua"
 printf '#!/bin/sh\necho 0\n' >"$work/bin/id"
+printf '#!/bin/sh\necho "cargo $*" >>"${CARGO_TRACE:-/dev/null}"\n' >"$work/bin/cargo"
 # apt-get install starts a "system nginx" when FAKE_APT_STARTS=1, as
 # Debian's nginx package does, replacing the pid in the pid file.
 cat >"$work/bin/apt-get" <<'SH'
@@ -108,6 +113,66 @@ if [ "$after" = - ] && grep -q "^installing: lua-check" "$work/none.out"; then
 else
   fail "no nginx, nothing stopped" "$(cat "$work/none.out")"
 fi
+
+# installs GROUP [VAR=VALUE...]: the packages `tools/install-deps GROUP`
+# installs (its "installing:" lines; no system nginx), one a line, and
+# the cargo commands it runs.
+installs() {
+  local group=$1 trace="$work/cargo.trace"
+  shift
+  : >"$trace"
+  env -u NGINX_BIN PATH="$work/bin:$PATH" NGINX_SYSTEM_PID_FILE="$work/no.pid" \
+    CARGO_TRACE="$trace" FAKE_APT_STARTS=0 "$@" \
+    "$repo/tools/install-deps" "$group" 2>&1 |
+    sed -n 's/^installing: //p' | tr ' ' '\n'
+  cat "$trace"
+}
+# has WORD LIST: LIST (one a line) has WORD, or a line that starts with it.
+has() { grep -q "^$1\( \|$\)" <<<"$2"; }
+
+echo "install-deps: what each target installs"
+test_pkgs=$(installs test)
+lint_pkgs=$(installs lint)
+if has lua-check "$lint_pkgs" && has shellcheck "$lint_pkgs" \
+   && grep -q "^cargo install .*stylua" <<<"$lint_pkgs"; then
+  pass "lint installs luacheck, shellcheck and StyLua"
+else
+  fail "lint installs luacheck, shellcheck and StyLua" "$(echo $lint_pkgs)"
+fi
+for tool in lua-check shellcheck stylua; do
+  if grep -q "$tool" <<<"$test_pkgs"; then
+    fail "test installs no $tool" "$(echo $test_pkgs)"
+  else
+    pass "test installs no $tool"
+  fi
+done
+for p in luajit2 lua-busted lua5.1 lua5.2 nginx-light libnginx-mod-http-lua \
+         lua-resty-core; do
+  if has "$p" "$test_pkgs"; then
+    pass "test installs $p"
+  else
+    fail "test installs $p" "$(echo $test_pkgs)"
+  fi
+done
+# luarocks is test-rock's, which installs `rock` itself.
+if has luarocks "$test_pkgs"; then
+  fail "test leaves luarocks to rock" "$(echo $test_pkgs)"
+else
+  pass "test leaves luarocks to rock"
+fi
+
+# no_debian_nginx WHAT LIST: LIST has the drivers (luajit2), no Debian nginx.
+no_debian_nginx() {
+  if has luajit2 "$2" && ! has nginx-light "$2" \
+     && ! has libnginx-mod-http-lua "$2" && ! has lua-resty-core "$2"; then
+    pass "$1"
+  else
+    fail "$1" "$(echo $2)"
+  fi
+}
+no_debian_nginx "openresty installs no Debian nginx" "$(installs openresty)"
+no_debian_nginx "test with NGINX_BIN set installs no Debian nginx" \
+  "$(installs test NGINX_BIN=/usr/local/openresty/nginx/sbin/nginx)"
 
 echo "install-deps: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -83,6 +83,7 @@ local function detect()
         version = version,
         version_output = V,
         main = "", -- main-context lines (load_module)
+        lualib = "", -- OpenResty's lualib, where resty.core should be
         lua_path = "", -- where resty.core lives, before any other entry
         lua_cpath = "",
         tool_path = host_entries(package.path),
@@ -99,12 +100,13 @@ local function detect()
         f.name = "openresty"
         local lualib = os.getenv("OPENRESTY_LUALIB")
         if not lualib or lualib == "" then
-            local full = bin:find("/") and bin
-                or run("command -v " .. quote(bin)):gsub("%s+$", "")
-            lualib = dirname(dirname(dirname(full))) .. "/lualib"
+            -- The file itself, not a link to it such as OpenResty's
+            -- packages' /usr/bin/openresty.
+            local file = run("readlink -f " .. quote(bin)):gsub("%s+$", "")
+            lualib = dirname(dirname(dirname(file))) .. "/lualib"
         end
+        f.lualib = lualib
         if exists(lualib .. "/resty/core.lua") then
-            f.lualib = lualib
             f.lua_path = lualib .. "/?.lua;" .. lualib .. "/?/init.lua"
             f.lua_cpath = lualib .. "/?.so"
         end
