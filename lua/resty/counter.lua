@@ -654,20 +654,42 @@ local function publish_batch(self, m, st)
     end
 end
 
--- Hands the drained buffer over, from self.cursor on: into the stage `st`
--- if given, BATCH keys per call (a key it refuses, full or too long, is
--- written directly), else straight into the dict, key by key (handing the
--- direct writes over in batches measured no faster: the dict's own write
--- is the cost). With a budget, stops after about that many seconds and
--- returns false (not done); the caller yields and comes back. Without,
--- runs to the end and returns true.
+-- The pause between two slices of a sync: ngx.sleep(SLICE_PAUSE), but
+-- only while the event loop has work waiting (an I/O event, a timer due,
+-- a posted event: src/event_loop.rs); with nothing waiting the next slice
+-- runs at once, as an idle worker's pause would only cost CPU (an idle
+-- millisecond, then cold caches).
+local function pause()
+    if lib.resty_counter_loop_waiting() ~= 0 then
+        ngx.sleep(SLICE_PAUSE)
+    end
+end
+
+-- Hands the drained buffer over: into the stage `st` if given, BATCH keys
+-- per call (a key it refuses, full or too long, is written directly), else
+-- straight into the dict, key by key (handing the direct writes over in
+-- batches measured no faster: the dict's own write is the cost). With a
+-- budget, pauses after about that many seconds of work, inside the loop:
+-- LuaJIT compiles a pairs() loop as such only while every run of that loop
+-- starts from the table's first key, so the loop goes on where it paused
+-- instead of starting again from a key (that made this loop call next()
+-- per key, a hash lookup each, in every later drain). self.cursor is the
+-- last key handed over, set before anything that may raise. Returns once
+-- the buffer is done (self.draining is nil), or when another sync took the
+-- drain over during a pause (a manual sync() that finishes it between two
+-- slices of the automatic one): a drain that starts on a buffer another
+-- left under way goes on from self.cursor, with next(), so each key is
+-- handed over once.
 local function drain(self, budget, st)
-    local t, h = self.draining, self.handle
-    local add = lib.resty_counter_flusher_write
+    local t, from = self.draining, self.cursor
+    local turn = (self.drain_turn or 0) + 1
+    self.drain_turn = turn
+    local h, add = self.handle, lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local n, m = self.drained or 0, 0
-    for key, delta in next, t, self.cursor do
+    local n, m = 0, 0
+    -- One key; false once another drain has taken over during a pause.
+    local function hand(key, delta)
         if st then
             -- A Lua string converts to a pointer into itself; `t` keeps
             -- every key alive until the batch is published.
@@ -689,15 +711,31 @@ local function drain(self, budget, st)
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             if m > 0 then
                 publish_batch(self, m, st)
+                m = 0
             end
-            self.drained = n
-            return false
+            pause()
+            deadline = clock() + budget
+            return self.drain_turn == turn
+        end
+        return true
+    end
+    if from == nil then
+        for key, delta in pairs(t) do
+            if not hand(key, delta) then
+                return
+            end
+        end
+    else
+        for key, delta in next, t, from do
+            if not hand(key, delta) then
+                return
+            end
         end
     end
     if m > 0 then
         publish_batch(self, m, st)
     end
-    self.draining, self.cursor, self.drained = nil, nil, nil
+    self.draining, self.cursor = nil, nil
     -- Recycle the buffer unless it was a burst: a fresh table regrows by
     -- rehashing, a multi-millisecond step on the request path when every
     -- interval dirties ~100k keys. A big buffer after a burst (more than
@@ -708,7 +746,6 @@ local function drain(self, budget, st)
         clear_tab(t)
         self.spare = t
     end
-    return true
 end
 
 -- Moves the live buffer aside for draining; increments go to a fresh one.
@@ -720,7 +757,7 @@ local function swap(self)
     local fresh = self.spare or {}
     self.spare = nil
     self.buf = fresh
-    self.draining, self.cursor, self.drained = t, nil, nil
+    self.draining, self.cursor = t, nil
     return true
 end
 
@@ -798,17 +835,6 @@ local function count_fold(self)
             evicted,
             " times"
         )
-    end
-end
-
--- The pause between two slices of a sync: ngx.sleep(SLICE_PAUSE), but
--- only while the event loop has work waiting (an I/O event, a timer due,
--- a posted event: src/event_loop.rs); with nothing waiting the next slice
--- runs at once, as an idle worker's pause would only cost CPU (an idle
--- millisecond, then cold caches).
-local function pause()
-    if lib.resty_counter_loop_waiting() ~= 0 then
-        ngx.sleep(SLICE_PAUSE)
     end
 end
 
@@ -1033,9 +1059,7 @@ local function sync_yielding(self)
     local swapped = false
     repeat
         while self.draining do
-            if not drain(self, SLICE_SECONDS) then
-                pause()
-            end
+            drain(self, SLICE_SECONDS)
         end
         swapped = not swapped and swap(self)
     until not swapped
@@ -1060,9 +1084,7 @@ local function sync_sliced(self)
     -- when the drain is done, whoever finished it.
     stage_of(self)
     while self.draining do
-        if not drain(self, SLICE_SECONDS, self.stage) then
-            pause()
-        end
+        drain(self, SLICE_SECONDS, self.stage)
     end
     fold_sliced(self)
 end

@@ -623,6 +623,50 @@ describe("resty.counter in nginx", function()
     )
 
     it(
+        "a sync() that takes over the automatic sync's drain between two "
+            .. "of its slices hands each key over once",
+        function()
+            local tc = counter.new("takeover", 0.05, nil, { stage = false })
+            local K = 40000
+            for i = 1, K do
+                tc:incr("t" .. i, 1)
+            end
+            -- This handler's 1 ms sleeps are timers falling due: the
+            -- automatic sync pauses after each slice, and this handler
+            -- runs between two of them.
+            local flushed = 0
+            for _ = 1, 5000 do
+                ngx.sleep(0.001)
+                flushed = tc:stats().keys_flushed or 0
+                if flushed > 0 then
+                    break
+                end
+            end
+            assert.is_true(
+                flushed > 0 and flushed < K,
+                "not between two slices: " .. flushed .. " keys written"
+            )
+            assert.is_true(tc:sync())
+            local dict = ngx.shared.takeover
+            local wrong = 0
+            for i = 1, K do
+                if dict:get("t" .. i) ~= 1 then
+                    wrong = wrong + 1
+                end
+            end
+            -- The automatic sync's last slice may still run: let it end.
+            ngx.sleep(0.2)
+            for i = 1, K do
+                if dict:get("t" .. i) ~= 1 then
+                    wrong = wrong + 1
+                end
+            end
+            assert.equal(0, wrong, "keys not exactly 1")
+            assert.equal(K, tc:stats().keys_flushed)
+        end
+    )
+
+    it(
         "sync() where it cannot yield (log phase) runs to the end at once",
         function()
             local http = require("spec.support.http")
