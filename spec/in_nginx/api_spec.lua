@@ -647,17 +647,17 @@ describe("resty.counter in nginx", function()
                 "not between two slices: " .. flushed .. " keys written"
             )
             assert.is_true(tc:sync())
-            local dict = ngx.shared.takeover
+            local td = ngx.shared.takeover
             local wrong = 0
             for i = 1, K do
-                if dict:get("t" .. i) ~= 1 then
+                if td:get("t" .. i) ~= 1 then
                     wrong = wrong + 1
                 end
             end
             -- The automatic sync's last slice may still run: let it end.
             ngx.sleep(0.2)
             for i = 1, K do
-                if dict:get("t" .. i) ~= 1 then
+                if td:get("t" .. i) ~= 1 then
                     wrong = wrong + 1
                 end
             end
