@@ -3,7 +3,7 @@
 //! Each function is a short adapter from raw pointers to the safe core in
 //! `flush.rs`, run inside `guard`, so no panic ever unwinds into nginx.
 //! The one source of truth for these prototypes is the `ffi.cdef` block in
-//! `lua/resty/counter.lua`; `tests/abi.rs` fails when the two drift apart.
+//! `lua/resty/counter/abi.lua`; `tests/abi.rs` fails when the two drift apart.
 //!
 //! Return codes (`int32_t`): `>= 0` describe what happened to a delta,
 //! `< 0` are errors of the call itself. [`resty_counter_strerror`] names each.

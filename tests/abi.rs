@@ -1,11 +1,12 @@
-//! ABI drift check: the shim's `ffi.cdef` block (the one source of truth)
+//! ABI drift check: the shim's `ffi.cdef` block (`lua/resty/counter/abi.lua`,
+//! the one source of truth)
 //! against the functions `src/ffi.rs` exports, by name, arity and C type.
 //! A prototype that changes on one side only fails here, before LuaJIT
 //! would call a function with the wrong arguments.
 
 use std::collections::BTreeMap;
 
-const SHIM: &str = include_str!("../lua/resty/counter.lua");
+const SHIM: &str = include_str!("../lua/resty/counter/abi.lua");
 const EXPORTS: &str = include_str!("../src/ffi.rs");
 const STAGE_EXPORTS: &str = include_str!("../src/ffi_stage.rs");
 
