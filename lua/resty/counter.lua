@@ -49,7 +49,7 @@ local incr_or_add, new_native_handle = abi.incr_or_add, abi.new_native_handle
 local run_sync, sync_now, sync_yielding, YIELDING_PHASES =
     sync.run_sync, sync.sync_now, sync.sync_yielding, sync.YIELDING_PHASES
 local check_timer, still_in_master = timer.check_timer, timer.still_in_master
-local key_line = log.key_line
+local failed_line = log.failed_line
 local printable, nkeys, sync_lua = pure.printable, pure.nkeys, pure.sync_lua
 
 ---------------------------------------------------------------------------
@@ -186,14 +186,7 @@ function incr_slow(self, key, step)
         -- straight to the dict.
         local _, err = incr_or_add(self, key, step, 0)
         if err then
-            key_line(
-                self,
-                ngx.WARN,
-                "failed",
-                key,
-                "error increasing counter in shdict key: ",
-                ", err: " .. err
-            )
+            failed_line(self, key, err)
         end
         return true
     end
@@ -284,7 +277,7 @@ function _M.stats(self)
         end
         s.stage = self.stage and true or false
         s.published = self.published
-        s.folded = self.folded
+        s.folded = 0 -- deltas this worker folded (stage_info's my_folded)
         s.fallback_writes = self.fallback_writes
         if
             self.stage
@@ -292,6 +285,7 @@ function _M.stats(self)
         then
             local r = info_out
             s.lease_held = r.lease_owner == r.pid
+            s.folded = r.my_folded
             s.stage_fill = r.fill
             s.stage_slots = r.slots
             s.stage_full = r.full
@@ -323,7 +317,6 @@ function new_state(dict, name)
         buf = {},
         native = abi.is_real_shdict(dict),
         published = 0, -- deltas this worker handed to the stage
-        folded = 0, -- deltas this worker folded from the stage
         fallback_writes = 0, -- deltas the stage refused, written directly
     }, mt)
     if self.native then

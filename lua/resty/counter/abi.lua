@@ -14,12 +14,13 @@ local ipairs = ipairs
 
 local _M = {}
 
-local ABI_VERSION = 9
+local ABI_VERSION = 10
 local LIB_NAME = "libresty_counter"
 
+-- Codes of src/ffi.rs and src/ffi_stage.rs the shim tells apart, by the
+-- same names (tests/abi.rs checks each against Rust's).
 local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
-local STAGED, STAGE_FULL = 0, 1 -- resty_counter_stage_publish: in it, full
-local FOLD_FIELDS = 3
+local STAGED, STAGE_FULL = 0, 1 -- per pair of a publish: in it, full
 local BATCH = 256 -- keys per resty_counter_stage_publish_batch
 _M.RC_STORED, _M.RC_STORED_EVICTED = RC_STORED, RC_STORED_EVICTED
 _M.RC_RETAINED, _M.RC_DROPPED_CAP = RC_RETAINED, RC_DROPPED_CAP
@@ -94,26 +95,26 @@ typedef struct {
 int32_t resty_counter_flusher_stats(resty_counter_flusher *h,
     resty_counter_stats *out);
 typedef struct resty_counter_stage resty_counter_stage;
-const char *resty_counter_stage_strerror(int32_t code);
-int32_t resty_counter_stage_transient(int32_t code);
+typedef struct {
+    int32_t code, transient;
+} resty_counter_attach_result;
 resty_counter_stage *resty_counter_stage_attach(resty_counter_flusher *f,
     void *stage_udata, const unsigned char *stage_name, size_t stage_name_len,
-    double stage_bytes, int32_t *err);
+    double stage_bytes, resty_counter_attach_result *err);
 void resty_counter_stage_free(resty_counter_stage *h);
-int32_t resty_counter_stage_publish(resty_counter_stage *h,
-    const unsigned char *key, size_t key_len, double delta);
 int32_t resty_counter_stage_publish_batch(resty_counter_stage *h,
     const unsigned char **keys, const size_t *lens, const double *deltas,
     uint32_t n, int32_t *rcs);
+typedef struct {
+    double written, evicted, failed;
+} resty_counter_fold_result;
 int32_t resty_counter_stage_fold(resty_counter_stage *h,
     resty_counter_flusher *f, int32_t whole, uint32_t lease_ms, double budget,
-    double *out);
+    resty_counter_fold_result *out);
 typedef struct {
-    double offset, region_bytes, anchor, slots, key_bytes, created,
-           lease_owner, published, folded, full, too_long, reclaimed,
-           lost_events, lost_amount, fill, fold_rounds, takeovers, my_folded,
-           pid, zone_regions, zone_region_bytes, orphans_lost_events,
-           orphans_lost_amount;
+    double offset, region_bytes, anchor, slots, key_bytes, lease_owner,
+           published, folded, full, lost_events, lost_amount, fill, my_folded,
+           pid, zone_regions, orphans_lost_events, orphans_lost_amount;
 } resty_counter_stage_report;
 int32_t resty_counter_stage_info(resty_counter_stage *h,
     resty_counter_stage_report *out);
@@ -136,7 +137,7 @@ local STATS_FIELDS = {
     "last_sync_seconds",
 }
 local lib -- the loaded library, once a real shared dict needs it
-local int32_out, stats_out, end_out, value_out, fold_out, info_out
+local int32_out, attach_out, stats_out, end_out, value_out, fold_out, info_out
 local batch_keys, batch_lens, batch_deltas, batch_rcs
 
 -- Who reads the library and the buffers as upvalues: bind(f) calls
@@ -176,7 +177,8 @@ local function load_library()
     stats_out = ffi.new("resty_counter_stats")
     end_out = ffi.new("resty_counter_sync_result")
     value_out = ffi.new("double[1]")
-    fold_out = ffi.new("double[?]", FOLD_FIELDS)
+    attach_out = ffi.new("resty_counter_attach_result")
+    fold_out = ffi.new("resty_counter_fold_result")
     info_out = ffi.new("resty_counter_stage_report")
     batch_keys = ffi.new("const unsigned char *[?]", BATCH)
     batch_lens = ffi.new("size_t[?]", BATCH)
@@ -185,6 +187,7 @@ local function load_library()
     _M.lib, _M.int32_out, _M.stats_out, _M.end_out =
         lib, int32_out, stats_out, end_out
     _M.value_out, _M.fold_out, _M.info_out = value_out, fold_out, info_out
+    _M.attach_out = attach_out
     _M.batch_keys, _M.batch_lens = batch_keys, batch_lens
     _M.batch_deltas, _M.batch_rcs = batch_deltas, batch_rcs
     for _, f in ipairs(binders) do

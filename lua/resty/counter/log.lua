@@ -117,6 +117,18 @@ local function key_line(self, level, kind, key, head, tail)
     end
 end
 
+-- The per-key line of a write into the dict that failed with `err`.
+local function failed_line(self, key, err)
+    key_line(
+        self,
+        ngx.WARN,
+        "failed",
+        key,
+        "error increasing counter in shdict key: ",
+        ", err: " .. err
+    )
+end
+
 -- A count line, standing for `n` events of `kind`: the rest of the
 -- arguments are the line.
 local function count_line(self, level, kind, n, ...)
@@ -239,6 +251,6 @@ function _M.sync_lines(self, r)
 end
 
 _M.logbook, _M.close_window, _M.roll_window = logbook, close_window, roll_window
-_M.key_line, _M.count_line = key_line, count_line
+_M.key_line, _M.failed_line, _M.count_line = key_line, failed_line, count_line
 
 return _M

@@ -11,9 +11,10 @@ local ffi = abi.ffi
 
 local _M = {}
 
-local lib, int32_out, info_out -- once the library is loaded
+local strerror = abi.strerror
+local lib, attach_out, info_out -- once the library is loaded
 abi.bind(function(a)
-    lib, int32_out, info_out = a.lib, a.int32_out, a.info_out
+    lib, attach_out, info_out = a.lib, a.attach_out, a.info_out
 end)
 
 -- The dict's shared stage (src/stage.rs, docs/DESIGN.md): a region of the
@@ -86,11 +87,11 @@ local function stage_of(self)
         zone_name,
         #zone_name,
         self.stage_bytes or 0,
-        int32_out
+        attach_out
     )
     if h == nil then
-        local code = int32_out[0]
-        local again = l.resty_counter_stage_transient(code) == 1
+        local code = attach_out.code
+        local again = attach_out.transient == 1
         -- A transient failure is logged from the second on: the first is
         -- usually workers that started together waiting for each other.
         self.stage_fails = (self.stage_fails or 0) + 1
@@ -102,7 +103,7 @@ local function stage_of(self)
                 'no shared stage in zone "',
                 zone_name,
                 '" (',
-                ffi.string(l.resty_counter_stage_strerror(code)),
+                strerror(code),
                 "): this worker writes its counts into the dict directly",
                 again and " until it can attach (tried again at later syncs)"
                     or ""

@@ -7,7 +7,6 @@
 -- the automatic sync: resty.counter.timer.
 
 local ngx = ngx
-local tonumber = tonumber
 local tostring = tostring
 local next = next
 
@@ -49,8 +48,8 @@ local STAGED, STAGE_FULL, BATCH = abi.STAGED, abi.STAGE_FULL, abi.BATCH
 local strerror, incr_or_add = abi.strerror, abi.incr_or_add
 local stage_of, leave_stage, full_once =
     stage.stage_of, stage.leave_stage, stage.full_once
-local key_line, fold_lines, sync_lines =
-    log.key_line, log.fold_lines, log.sync_lines
+local key_line, failed_line = log.key_line, log.failed_line
+local fold_lines, sync_lines = log.fold_lines, log.sync_lines
 local clear_tab = pure.clear_tab
 
 local lib, end_out, fold_out -- once the library is loaded
@@ -84,14 +83,10 @@ local function report(self, key, rc)
     if rc == RC_DROPPED_CAP then
         return -- one count line per sync, from end_sync
     end
-    key_line(
+    failed_line(
         self,
-        ngx.WARN,
-        "failed",
         key,
-        "error increasing counter in shdict key: ",
-        ", err: "
-            .. strerror(rc)
+        strerror(rc)
             .. (rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
     )
 end
@@ -208,11 +203,10 @@ local function swap(self)
     return true
 end
 
--- Counts what one fold call wrote and logs what failed or evicted.
+-- Logs what one fold call failed to write or evicted.
 local function count_fold(self)
-    local written, evicted, failed =
-        tonumber(fold_out[0]), tonumber(fold_out[1]), tonumber(fold_out[2])
-    self.folded = self.folded + written
+    local evicted, failed = fold_out.evicted, fold_out.failed
+    -- This worker's running total is Rust's (stage_info's my_folded).
     -- Whether the sync succeeded is the flusher's to say (end_sync): the
     -- folded writes went through it.
     fold_lines(self, failed, evicted)

@@ -87,8 +87,8 @@ local function timer_down(self, err)
     end
 end
 
--- Starts the timer. Each start is a new generation: an older timer still
--- scheduled retires when it runs.
+-- Starts the timer. A dict has one at most: a new one is started only
+-- after nginx refused the last (timer_down), which then never runs.
 local function start_timer(self)
     if self.timer or self.write_through or ngx.get_phase() == "init" then
         return
@@ -101,14 +101,12 @@ local function start_timer(self)
         return
     end
     self.timer_tried = now
-    local gen = (self.gen or 0) + 1
     local period = self.interval or GUARD_PERIOD
-    local ok, err = ngx.timer.every(period, tick, self, gen)
+    local ok, err = ngx.timer.every(period, tick, self)
     if not ok then
         return timer_down(self, err)
     end
-    self.gen, self.timer, self.timer_period, self.tick_synced =
-        gen, true, period, now
+    self.timer, self.timer_period, self.tick_synced = true, period, now
     if self.timer_down then
         self.timer_down = nil
         ngx.log(
@@ -127,15 +125,12 @@ local function check_timer(self)
     end
 end
 
-tick = function(premature, self, gen)
+tick = function(premature, self)
     if premature or ngx.worker.exiting() then
         if not self.write_through then
             return exit_flush(self)
         end
         return
-    end
-    if gen ~= self.gen then
-        return -- a retired timer
     end
     local interval = self.interval
     if not interval then
