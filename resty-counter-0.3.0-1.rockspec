@@ -39,7 +39,13 @@ build = {
    install = {
       lua = {
          ["resty.counter"] = "lua/resty/counter.lua",
+         ["resty.counter.abi"] = "lua/resty/counter/abi.lua",
          ["resty.counter.loader"] = "lua/resty/counter/loader.lua",
+         ["resty.counter.log"] = "lua/resty/counter/log.lua",
+         ["resty.counter.pure"] = "lua/resty/counter/pure.lua",
+         ["resty.counter.stage"] = "lua/resty/counter/stage.lua",
+         ["resty.counter.sync"] = "lua/resty/counter/sync.lua",
+         ["resty.counter.timer"] = "lua/resty/counter/timer.lua",
       },
       lib = {
          libresty_counter = "target/release/libresty_counter.so",

@@ -40,18 +40,24 @@ fi
 # The binary rock holds the shim, the loader and the library of one build
 # (and LuaRocks' own files), and its shim is the source rock's.
 files=$(unzip -Z1 "$bin_rock" | grep -v '/$' | sort | paste -sd' ')
-want="doc/README.md lib/libresty_counter.so lua/resty/counter.lua lua/resty/counter/loader.lua $rockspec rock_manifest"
+shim="lua/resty/counter.lua"
+for part in abi loader log pure stage sync timer; do
+  shim="$shim lua/resty/counter/$part.lua"
+done
+# shellcheck disable=SC2086 # $shim is a list of names without spaces
+want=$(printf '%s\n' doc/README.md lib/libresty_counter.so $shim "$rockspec" rock_manifest \
+  | sort | paste -sd' ')
 if [ "$files" = "$want" ]; then
   pass "the binary rock holds: $files"
 else
   fail "binary rock contents" "got: $files; want: $want"
 fi
 same=1
-for f in lua/resty/counter.lua lua/resty/counter/loader.lua; do
+for f in $shim; do
   cmp -s <(unzip -p "$bin_rock" "$f") <(unzip -p "$src_rock" "resty.counter/$f") || same=0
 done
 if [ "$same" = 1 ]; then
-  pass "its counter.lua and loader.lua are the source rock's"
+  pass "its shim files (counter.lua and resty/counter/*.lua) are the source rock's"
 else
   fail "shim of the binary rock differs from the source rock's"
 fi

@@ -3,7 +3,7 @@
 //! Each function is a short adapter from raw pointers to the safe core in
 //! `flush.rs`, run inside `guard`, so no panic ever unwinds into nginx.
 //! The one source of truth for these prototypes is the `ffi.cdef` block in
-//! `lua/resty/counter.lua`; `tests/abi.rs` fails when the two drift apart.
+//! `lua/resty/counter/abi.lua`; `tests/abi.rs` fails when the two drift apart.
 //!
 //! Return codes (`int32_t`): `>= 0` describe what happened to a delta,
 //! `< 0` are errors of the call itself. [`resty_counter_strerror`] names each.
@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -49,6 +49,11 @@ pub const RC_NO_SYMBOL: i32 = -4;
 pub const RC_BAD_ZONE: i32 = -5;
 /// A Rust panic was caught; nothing crossed into nginx.
 pub const RC_PANIC: i32 = -6;
+/// Another worker holds the stage's fold lease (`resty_counter_stage_fold`).
+pub const RC_BUSY: i32 = -7;
+/// The stage's attach errors, `RC_ATTACH` down to `RC_BAD_STAGE`
+/// (`ffi_stage.rs`), one per kind of `zone::AttachError`.
+pub const RC_ATTACH: i32 = -20;
 
 /// What `resty_counter_flusher_end` reports about the sync it ends; the
 /// cdef declares it as `resty_counter_sync_result`.
@@ -167,24 +172,40 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_NO_SYMBOL => c"no ngx_*_lua_ffi_shdict_incr in this process",
         RC_BAD_ZONE => c"bad shared dict zone",
         RC_PANIC => c"internal error (caught panic)",
-        _ => c"unknown code",
+        RC_BUSY => c"another worker holds the fold lease",
+        _ => other_message(code),
     };
     msg.as_ptr()
 }
 
-/// Seconds on a monotonic clock, for the shim's slice budget.
-#[unsafe(no_mangle)]
-pub extern "C" fn resty_counter_clock() -> f64 {
+/// The message of a code outside the table above: a stage attach code, or
+/// none.
+fn other_message(code: i32) -> &'static std::ffi::CStr {
+    #[cfg(not(loom))]
+    if let Some(m) = crate::ffi_stage::attach_message(code) {
+        return m;
+    }
+    c"unknown code"
+}
+
+/// CLOCK_MONOTONIC, the one clock of the library: the shim's slice budget
+/// (`resty_counter_clock`) and the stage's lease (`zone::now_ms`, shared by
+/// every worker of the machine). `Instant`, which times durations inside
+/// one call, reads the same clock on Linux.
+pub(crate) fn monotonic() -> Option<std::time::Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into a valid local.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0.0;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Seconds on a monotonic clock, for the shim's slice budget.
+#[unsafe(no_mangle)]
+pub extern "C" fn resty_counter_clock() -> f64 {
+    monotonic().map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Whether this worker's event loop has work waiting (`event_loop.rs`):

@@ -3,27 +3,28 @@
 //! same panic guard as `ffi.rs`. Declared at the end of the shim's cdef;
 //! `tests/abi.rs` checks both files against it.
 //!
-//! Codes: [`resty_counter_stage_publish`] returns 0 staged, 1 full (write
-//! it directly), 2 too long (write it directly); negative codes are errors,
-//! named by [`resty_counter_stage_strerror`].
+//! Codes: [`resty_counter_stage_publish_batch`] says per pair `STAGED`,
+//! `STAGE_FULL` or `STAGE_TOO_LONG` (write those two directly); errors are
+//! codes of the one space of `ffi.rs`, named by `resty_counter_strerror`,
+//! the attach errors among them (`RC_ATTACH` down).
 
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{CStr, c_void};
 use std::ptr;
 
-use crate::ffi::{FlusherHandle, bytes, guard, handle_and_key, handle_and_out};
+use crate::ffi::{
+    FlusherHandle, RC_ATTACH, RC_BUSY, RC_NULL, RC_PANIC, bytes, guard, handle_and_out,
+};
 use crate::flush::{Outcome, Rejected};
 use crate::stage::{Lease, Published, Stage, Worker};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
 
-/// A required pointer argument was NULL (as in ffi.rs).
-pub const RC_NULL: i32 = -1;
-/// A Rust panic was caught (as in ffi.rs).
-pub const RC_PANIC: i32 = -6;
-/// Another worker holds the fold lease.
-pub const RC_BUSY: i32 = -7;
-/// Attach errors: `RC_ATTACH - i` for the i-th kind of `AttachError` in
-/// `ATTACH_ERRORS`.
-pub const RC_ATTACH: i32 = -20;
+/// Per pair of a publish: the delta is in the stage.
+pub const STAGED: i32 = 0;
+/// Per pair of a publish: no slot for it (write it directly).
+pub const STAGE_FULL: i32 = 1;
+/// Per pair of a publish: the key is longer than the stage takes, or NULL
+/// (write it directly).
+pub const STAGE_TOO_LONG: i32 = 2;
 
 const ATTACH_ERRORS: [AttachError; 12] = [
     AttachError::NoSlab,
@@ -42,8 +43,34 @@ const ATTACH_ERRORS: [AttachError; 12] = [
 /// A stage header that does not match (any layout error).
 pub const RC_BAD_STAGE: i32 = RC_ATTACH - ATTACH_ERRORS.len() as i32;
 
-/// Number of fields `resty_counter_stage_fold` writes.
-pub const FOLD_FIELDS: usize = 3;
+/// What `resty_counter_stage_attach` says of itself, declared in the cdef
+/// as `resty_counter_attach_result`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AttachResult {
+    /// 0 attached, else an error code (`RC_NULL`, `RC_PANIC`, an attach
+    /// code), named by `resty_counter_strerror`.
+    pub code: i32,
+    /// 1 if the attach may succeed later (no room in the stage zone yet,
+    /// registry full, the directory busy): try again at a later sync.
+    pub transient: i32,
+}
+
+/// What one `resty_counter_stage_fold` call did, declared in the cdef as
+/// `resty_counter_fold_result`. The running totals are the flusher's
+/// (`resty_counter_flusher_stats`) and the stage's (`stage_info`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FoldResult {
+    /// Deltas written into the dict.
+    pub written: f64,
+    /// Of those, written with evictions of other entries.
+    pub evicted: f64,
+    /// Deltas not written (kept pending or dropped; the flusher's stats
+    /// tell which).
+    pub failed: f64,
+}
+
 /// Slots folded between two looks at the clock in a budgeted fold.
 const FOLD_CHUNK: usize = 64;
 
@@ -62,35 +89,16 @@ fn attach_code(e: AttachError) -> i32 {
     }
 }
 
-/// 1 if an attach that failed with `code` may succeed later (no room in
-/// the stage zone yet, registry full, the directory busy), else 0.
-#[unsafe(no_mangle)]
-pub extern "C" fn resty_counter_stage_transient(code: i32) -> i32 {
-    guard(0, || {
-        let transient = code <= RC_ATTACH
-            && code > RC_BAD_STAGE
-            && ATTACH_ERRORS[(RC_ATTACH - code) as usize].is_transient();
-        i32::from(transient)
-    })
-}
-
-/// A static, NUL-terminated message for a stage code.
-#[unsafe(no_mangle)]
-pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {
-    let msg: &'static CStr = match code {
-        0 => c"staged",
-        1 => c"stage full: write directly",
-        2 => c"key too long for the stage: write directly",
-        RC_NULL => c"NULL argument",
-        RC_PANIC => c"internal error (caught panic)",
-        RC_BUSY => c"another worker holds the fold lease",
-        RC_BAD_STAGE => c"the stage header does not match",
+/// The message of an attach code (`RC_ATTACH` down to `RC_BAD_STAGE`), for
+/// `resty_counter_strerror`; `None` for any other code.
+pub(crate) fn attach_message(code: i32) -> Option<&'static CStr> {
+    match code {
+        RC_BAD_STAGE => Some(c"the stage header does not match"),
         c if c <= RC_ATTACH && c > RC_BAD_STAGE => {
-            ATTACH_ERRORS[(RC_ATTACH - c) as usize].message()
+            Some(ATTACH_ERRORS[(RC_ATTACH - c) as usize].message())
         }
-        _ => c"unknown code",
-    };
-    msg.as_ptr()
+        _ => None,
+    }
 }
 
 /// Finds or makes, in the stage zone `stage_udata` (`dict[1]` of the
@@ -106,7 +114,8 @@ pub extern "C" fn resty_counter_stage_strerror(code: i32) -> *const c_char {
 /// `stage_name`; `err` may be NULL, else writable.
 ///
 /// # Errors
-/// Returns NULL and sets `*err` to `RC_NULL`, `RC_PANIC` or an attach code.
+/// Returns NULL and sets `err.code` to `RC_NULL`, `RC_PANIC` or an attach
+/// code, and `err.transient` to 1 when a later attach may succeed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn resty_counter_stage_attach(
     f: *mut FlusherHandle,
@@ -114,9 +123,10 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
     stage_name: *const u8,
     stage_name_len: usize,
     stage_bytes: f64,
-    err: *mut i32,
+    err: *mut AttachResult,
 ) -> *mut StageHandle {
     let mut code = RC_PANIC;
+    let mut transient = false;
     let h = guard(ptr::null_mut(), || {
         // SAFETY: f is NULL or live (contract); the caller guarantees the
         // name's length.
@@ -137,6 +147,7 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
             Ok(zs) => zs,
             Err(e) => {
                 code = attach_code(e);
+                transient = e.is_transient();
                 return ptr::null_mut();
             }
         };
@@ -150,7 +161,12 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
     });
     if !err.is_null() {
         // SAFETY: err is non-NULL and writable by contract.
-        unsafe { *err = code };
+        unsafe {
+            *err = AttachResult {
+                code,
+                transient: i32::from(transient),
+            }
+        };
     }
     h
 }
@@ -172,42 +188,14 @@ pub unsafe extern "C" fn resty_counter_stage_free(h: *mut StageHandle) {
     })
 }
 
-/// Adds one delta into the stage.
-///
-/// # Safety
-/// `h` must be NULL or live; `key` must point at `key_len` readable bytes.
-///
-/// # Errors
-/// `RC_NULL`, `RC_PANIC`; else 0 staged, 1 full, 2 too long.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn resty_counter_stage_publish(
-    h: *mut StageHandle,
-    key: *const u8,
-    key_len: usize,
-    delta: f64,
-) -> i32 {
-    guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live and not aliased during the call; the
-        // caller guarantees key_len readable bytes at key.
-        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
-            return RC_NULL;
-        };
-        match h.zs.stage.publish(h.zs.worker, key, delta) {
-            Published::Staged => 0,
-            Published::Full => 1,
-            Published::TooLong => 2,
-        }
-    })
-}
-
 /// Most pairs one `resty_counter_stage_publish_batch` call takes.
 pub const BATCH_MAX: u32 = 4096;
 
 /// Adds `n` deltas into the stage in one pass (one announce, one fence,
 /// the slots of a group touched ahead): `keys[i]` of `lens[i]` bytes gets
-/// `deltas[i]`, and `rcs[i]` says what became of it (0 staged, 1 full, 2
-/// too long or a NULL key: write those directly). Returns how many were
-/// staged.
+/// `deltas[i]`, and `rcs[i]` says what became of it (`STAGED`,
+/// `STAGE_FULL`, `STAGE_TOO_LONG` also for a NULL key: write those two
+/// directly). Returns how many were staged.
 ///
 /// # Safety
 /// `h` must be NULL or live; `keys`, `lens`, `deltas` and `rcs` must hold
@@ -254,10 +242,10 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
             rcs[i] = match r {
                 Published::Staged => {
                     staged += 1;
-                    0
+                    STAGED
                 }
-                Published::Full => 1,
-                Published::TooLong => 2,
+                Published::Full => STAGE_FULL,
+                Published::TooLong => STAGE_TOO_LONG,
             };
             i += 1;
         });
@@ -280,12 +268,11 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
 /// unless this worker's sliced round is under way, which it continues
 /// (two syncs of one worker at once share the round).
 ///
-/// Writes `FOLD_FIELDS` doubles into `out` (NULL: none): deltas written,
-/// of which written with evictions, and deltas not written (kept pending
-/// or dropped; the flusher's stats tell which).
+/// Writes what this call did into `*out` (NULL: nothing; see
+/// [`FoldResult`]).
 ///
 /// # Safety
-/// `h` and `f` must be NULL or live; `out` NULL or room for `FOLD_FIELDS`.
+/// `h` and `f` must be NULL or live; `out` NULL or writable.
 ///
 /// # Errors
 /// `RC_NULL`, `RC_PANIC`, `RC_BUSY`; else 1 (the round ended) or 0 (the
@@ -297,7 +284,7 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
     whole: i32,
     lease_ms: u32,
     budget: f64,
-    out: *mut f64,
+    out: *mut FoldResult,
 ) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h and f are NULL or live, not aliased during the call.
@@ -315,14 +302,14 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
         }
         st.reap_dead(&alive);
         let flusher = &mut f.flusher;
-        let mut tally = [0u64; FOLD_FIELDS];
+        let mut tally = FoldResult::default();
         let mut sink = |key: &[u8], delta: f64| match flusher.add(key, delta) {
-            Ok(Outcome::Stored) => tally[0] += 1,
+            Ok(Outcome::Stored) => tally.written += 1.0,
             Ok(Outcome::StoredEvicted) => {
-                tally[0] += 1;
-                tally[1] += 1;
+                tally.written += 1.0;
+                tally.evicted += 1.0;
             }
-            Ok(_) | Err(Rejected::BadKey | Rejected::BadDelta) => tally[2] += 1,
+            Ok(_) | Err(Rejected::BadKey | Rejected::BadDelta) => tally.failed += 1.0,
         };
         let budget = if budget.is_finite() && budget > 0.0 {
             budget
@@ -348,13 +335,10 @@ pub unsafe extern "C" fn resty_counter_stage_fold(
         if done {
             h.zs.tend();
         }
-        h.folded += tally[0];
-        if !out.is_null() {
-            // SAFETY: out is non-NULL with room for FOLD_FIELDS doubles.
-            let out = unsafe { std::slice::from_raw_parts_mut(out, FOLD_FIELDS) };
-            for (o, t) in out.iter_mut().zip(tally) {
-                *o = t as f64;
-            }
+        h.folded += tally.written as u64;
+        // SAFETY: out is NULL or writable, by the contract.
+        if let Some(out) = unsafe { out.as_mut() } {
+            *out = tally;
         }
         i32::from(done)
     })
@@ -396,8 +380,6 @@ pub struct StageReport {
     pub slots: f64,
     /// The longest key the stage takes, in bytes.
     pub key_bytes: f64,
-    /// 1 if this worker made the region, else 0.
-    pub created: f64,
     /// Pid of the fold lease's holder (0: none), whatever its expiry.
     pub lease_owner: f64,
     /// Deltas published into the stage, by all workers.
@@ -406,27 +388,18 @@ pub struct StageReport {
     pub folded: f64,
     /// Publishes refused: no slot within the probe limit, or the sum would overflow.
     pub full: f64,
-    /// Publishes refused: key longer than `key_bytes`.
-    pub too_long: f64,
-    /// Slots retired and freed for reuse.
-    pub reclaimed: f64,
     /// Folders that died between a take and its write.
     pub lost_events: f64,
     /// What they had taken (an upper bound of the loss).
     pub lost_amount: f64,
     /// Slots in use.
     pub fill: f64,
-    /// Fold rounds completed.
-    pub fold_rounds: f64,
-    /// Leases taken over from an expired holder.
-    pub takeovers: f64,
     /// Deltas this worker folded into the dict.
     pub my_folded: f64,
     /// This worker's pid.
     pub pid: f64,
-    /// Regions in the stage zone (every dict's) and their bytes.
+    /// Regions in the stage zone (every dict's).
     pub zone_regions: f64,
-    pub zone_region_bytes: f64,
     /// Deltas lost with orphaned regions reclaimed to make room (their
     /// workers all killed), all time, zone-wide: count and magnitude.
     pub orphans_lost_events: f64,
@@ -455,29 +428,23 @@ pub unsafe extern "C" fn resty_counter_stage_info(
         let st = h.zs.stage;
         let p = st.params();
         let s = st.stats();
-        let (zone_regions, zone_bytes, lost_n, lost_sum) = h.zs.zone_report();
+        let (zone_regions, lost_n, lost_sum) = h.zs.zone_report();
         *out = StageReport {
             offset: h.zs.region.offset as f64,
             region_bytes: h.zs.region.bytes as f64,
             anchor: p.anchor as f64,
             slots: p.slots as f64,
             key_bytes: st.max_key_len() as f64,
-            created: f64::from(u8::from(h.zs.created)),
             lease_owner: f64::from(st.lease_owner()),
             published: s.published as f64,
             folded: s.folded as f64,
             full: s.full as f64,
-            too_long: s.too_long as f64,
-            reclaimed: s.reclaimed as f64,
             lost_events: s.lost_events as f64,
             lost_amount: s.lost_amount,
             fill: s.fill as f64,
-            fold_rounds: s.fold_rounds as f64,
-            takeovers: s.takeovers as f64,
             my_folded: h.folded as f64,
             pid: f64::from(h.zs.worker.pid()),
             zone_regions: zone_regions as f64,
-            zone_region_bytes: zone_bytes as f64,
             orphans_lost_events: lost_n as f64,
             orphans_lost_amount: lost_sum,
         };
@@ -488,26 +455,21 @@ pub unsafe extern "C" fn resty_counter_stage_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ffi::resty_counter_strerror;
 
     #[test]
     fn every_export_answers_null() {
         // SAFETY: NULL handles are part of every export's contract.
         unsafe {
+            let mut fold = FoldResult {
+                written: 9.0,
+                ..FoldResult::default()
+            };
             assert_eq!(
-                resty_counter_stage_publish(ptr::null_mut(), c"k".as_ptr().cast(), 1, 1.0),
+                resty_counter_stage_fold(ptr::null_mut(), ptr::null_mut(), 1, 100, 0.0, &mut fold),
                 RC_NULL
             );
-            assert_eq!(
-                resty_counter_stage_fold(
-                    ptr::null_mut(),
-                    ptr::null_mut(),
-                    1,
-                    100,
-                    0.0,
-                    ptr::null_mut()
-                ),
-                RC_NULL
-            );
+            assert_eq!(fold.written, 9.0, "nothing written");
             let (k, l, d, mut rc) = ([c"k".as_ptr().cast::<u8>()], [1usize], [1.0f64], [9i32]);
             assert_eq!(
                 resty_counter_stage_publish_batch(
@@ -528,51 +490,32 @@ mod tests {
         }
     }
 
+    /// `transient` as `resty_counter_stage_attach` reports it for `e`.
+    fn transient(e: AttachError) -> bool {
+        e.is_transient()
+    }
+
     #[test]
     fn transient_attach_codes_are_the_ones_a_later_sync_may_fix() {
         for e in ATTACH_ERRORS {
-            assert_eq!(
-                resty_counter_stage_transient(attach_code(e)),
-                i32::from(e.is_transient()),
+            assert!(
+                attach_code(e) <= RC_ATTACH && attach_code(e) > RC_BAD_STAGE,
                 "{e:?}"
             );
         }
-        assert_eq!(
-            resty_counter_stage_transient(attach_code(AttachError::NoMemory)),
-            1
-        );
-        assert_eq!(
-            resty_counter_stage_transient(attach_code(AttachError::RegistryFull)),
-            1
-        );
-        assert_eq!(
-            resty_counter_stage_transient(attach_code(AttachError::Dict)),
-            1
-        );
-        assert_eq!(
-            resty_counter_stage_transient(attach_code(AttachError::ZoneTooSmall)),
-            0
-        );
-        assert_eq!(
-            resty_counter_stage_transient(attach_code(AttachError::NameMismatch)),
-            0
-        );
-        for other in [
-            0,
-            RC_NULL,
-            RC_PANIC,
-            RC_BUSY,
-            RC_BAD_STAGE,
-            i32::MIN,
-            i32::MAX,
-        ] {
-            assert_eq!(resty_counter_stage_transient(other), 0, "{other}");
-        }
+        assert!(transient(AttachError::NoMemory));
+        assert!(transient(AttachError::RegistryFull));
+        assert!(transient(AttachError::Dict));
+        assert!(!transient(AttachError::ZoneTooSmall));
+        assert!(!transient(AttachError::NameMismatch));
     }
 
     #[test]
     fn attach_answers_null() {
-        let mut err = 0;
+        let mut err = AttachResult {
+            code: 0,
+            transient: 7,
+        };
         // SAFETY: a NULL flusher is refused before anything is read.
         let h = unsafe {
             resty_counter_stage_attach(
@@ -585,15 +528,25 @@ mod tests {
             )
         };
         assert!(h.is_null());
-        assert_eq!(err, RC_NULL);
+        assert_eq!(
+            err,
+            AttachResult {
+                code: RC_NULL,
+                transient: 0
+            }
+        );
     }
 
     #[test]
     fn every_code_has_a_message() {
-        for code in RC_BAD_STAGE - 1..=3 {
-            // SAFETY: strerror returns a static NUL-terminated string.
-            let msg = unsafe { CStr::from_ptr(resty_counter_stage_strerror(code)) };
-            assert!(!msg.to_bytes().is_empty());
+        // SAFETY: strerror returns a static NUL-terminated string.
+        let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
+        let mut seen = std::collections::HashSet::new();
+        for code in (RC_BAD_STAGE..=RC_ATTACH).chain([RC_BUSY]) {
+            // SAFETY: as above.
+            let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
+            assert_ne!(msg, unknown, "code {code} falls to the catch-all");
+            assert!(seen.insert(msg.to_bytes()), "code {code} shares a message");
         }
         for (i, e) in ATTACH_ERRORS.iter().enumerate() {
             assert_eq!(attach_code(*e), RC_ATTACH - i as i32);

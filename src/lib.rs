@@ -1,5 +1,6 @@
 //! resty.counter's native side: the flush of per-worker counters into an
-//! nginx shared dict, called from LuaJIT FFI by `lua/resty/counter.lua`.
+//! nginx shared dict, called from LuaJIT FFI by the shim,
+//! `lua/resty/counter.lua` and its parts under `lua/resty/counter/`.
 //!
 //! Where a count goes, by file (the one description; other file headers
 //! point here):
@@ -27,9 +28,10 @@
 //! 1. `_M.incr` (`lua/resty/counter.lua`) adds the step into `self.buf`, a
 //!    Lua table; the first increment of a key in an interval, and every bad
 //!    input, goes through `incr_slow`.
-//! 2. `tick`, the dict's `ngx.timer.every` callback, calls
-//!    `run_sync(self, sync_sliced)`: `resty_counter_flusher_begin`, the body,
-//!    then `end_sync` (`resty_counter_flusher_end`).
+//! 2. `tick` (`timer.lua`), the dict's `ngx.timer.every` callback, calls
+//!    `run_sync(self, sync_sliced)` (`sync.lua`, as are `swap`, `drain`,
+//!    `publish_batch` and `fold_sliced` below): `resty_counter_flusher_begin`,
+//!    the body, then `end_sync` (`resty_counter_flusher_end`).
 //! 3. `sync_sliced` calls `resty_counter_flusher_retry(h, SLICE_SECONDS)`
 //!    until it returns 0 (an `ngx.sleep(SLICE_PAUSE)` between calls), then
 //!    `swap` (the buffer moves to `self.draining`, a spare table takes its
@@ -49,7 +51,7 @@
 //! 1. `_M.incr` as above.
 //! 2. `tick` → `run_sync(self, sync_sliced)` as above.
 //! 3. `sync_sliced`: the retries and `swap` as above, then `stage_of`
-//!    (at a worker's first sync `resty_counter_stage_attach` in
+//!    (`stage.lua`; at a worker's first sync `resty_counter_stage_attach` in
 //!    `ffi_stage.rs`: `zone::ZoneStage::attach`, which finds or makes the
 //!    dict's region through the [`directory::Directory`]), then
 //!    `drain(self, SLICE_SECONDS, self.stage)` per slice.

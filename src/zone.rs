@@ -290,8 +290,6 @@ pub struct ZoneStage {
     pub worker: Worker,
     /// The region, in the stage zone.
     pub region: Region,
-    /// Whether this worker made the region.
-    pub created: bool,
     dir: Directory<'static>,
     dir_offset: u64,
     key: ShDict,
@@ -304,7 +302,6 @@ impl std::fmt::Debug for ZoneStage {
             .field("stage", &self.stage)
             .field("worker", &self.worker)
             .field("region", &self.region)
-            .field("created", &self.created)
             .finish_non_exhaustive()
     }
 }
@@ -336,17 +333,10 @@ pub fn alive(pid: u32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-/// CLOCK_MONOTONIC in ms: one clock for every worker of the machine.
+/// CLOCK_MONOTONIC in ms (`ffi::monotonic`): one clock for every
+/// worker of the machine.
 pub fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into a valid local.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    crate::ffi::monotonic().map_or(0, |d| d.as_millis() as u64)
 }
 
 /// This process's pid.
@@ -435,8 +425,8 @@ impl ZoneStage {
             .ok_or(AttachError::Busy)?;
         let id = Ident::new(dmem.addr as u64, dmem.size as u64, dname);
         let mut regions = ZoneRegions { slab };
-        let (region, created) = match locked.find(&id) {
-            Some(r) => (r, false),
+        let region = match locked.find(&id) {
+            Some(r) => r,
             None => {
                 let want = stage_bytes_for(dmem.size, asked_bytes) as u64;
                 let (r, _swept) = locked
@@ -448,7 +438,7 @@ impl ZoneStage {
                             AttachError::BadStage(LayoutError::BadParams)
                         }
                     })?;
-                (r, true)
+                r
             }
         };
         let stage = regions.stage(region, &id)?;
@@ -462,7 +452,6 @@ impl ZoneStage {
             stage,
             worker,
             region,
-            created,
             dir,
             dir_offset,
             key,
@@ -485,12 +474,12 @@ impl ZoneStage {
         locked.sweep(&mut regions, false).freed
     }
 
-    /// Live regions in the stage zone and their bytes, and the deltas lost
-    /// with orphans reclaimed under pressure (count, magnitude), all time.
-    pub fn zone_report(&self) -> (u64, u64, u64, f64) {
-        let (regions, bytes) = self.dir.usage();
+    /// Live regions in the stage zone, and the deltas lost with orphans
+    /// reclaimed under pressure (count, magnitude), all time.
+    pub fn zone_report(&self) -> (u64, u64, f64) {
+        let (regions, _bytes) = self.dir.usage();
         let (n, sum) = self.dir.orphans_lost();
-        (regions, bytes, n, sum)
+        (regions, n, sum)
     }
 
     /// Unregisters this worker and gives the lease up (worker exit).

@@ -1,11 +1,12 @@
-//! ABI drift check: the shim's `ffi.cdef` block (the one source of truth)
+//! ABI drift check: the shim's `ffi.cdef` block (`lua/resty/counter/abi.lua`,
+//! the one source of truth)
 //! against the functions `src/ffi.rs` exports, by name, arity and C type.
 //! A prototype that changes on one side only fails here, before LuaJIT
 //! would call a function with the wrong arguments.
 
 use std::collections::BTreeMap;
 
-const SHIM: &str = include_str!("../lua/resty/counter.lua");
+const SHIM: &str = include_str!("../lua/resty/counter/abi.lua");
 const EXPORTS: &str = include_str!("../src/ffi.rs");
 const STAGE_EXPORTS: &str = include_str!("../src/ffi_stage.rs");
 
@@ -139,6 +140,8 @@ fn rust_to_c(ty: &str) -> String {
         "*mut CStats" => "resty_counter_stats*",
         "*mut SyncResult" => "resty_counter_sync_result*",
         "*mut StageReport" => "resty_counter_stage_report*",
+        "*mut AttachResult" => "resty_counter_attach_result*",
+        "*mut FoldResult" => "resty_counter_fold_result*",
         other => panic!("no C spelling for Rust type {other}: extend rust_to_c"),
     };
     c.to_string()
@@ -216,12 +219,76 @@ fn cdef_and_exports_agree_on_the_sync_result_struct() {
 #[test]
 fn cdef_and_exports_agree_on_the_stage_report_struct() {
     let lua = cdef_struct("resty_counter_stage_report");
-    assert!(lua.len() >= 18, "parsed too few fields: {lua:?}");
+    assert!(lua.len() >= 17, "parsed too few fields: {lua:?}");
     assert_eq!(
         lua,
         rust_struct("StageReport"),
         "resty_counter_stage_report (cdef) and StageReport (src/ffi_stage.rs) differ"
     );
+}
+
+#[test]
+fn cdef_and_exports_agree_on_the_attach_and_fold_structs() {
+    for (c, rust, fields) in [
+        ("resty_counter_attach_result", "AttachResult", 2),
+        ("resty_counter_fold_result", "FoldResult", 3),
+    ] {
+        let lua = cdef_struct(c);
+        assert_eq!(lua.len(), fields, "parsed too few fields: {lua:?}");
+        assert_eq!(
+            lua,
+            rust_struct(rust),
+            "{c} (cdef) and {rust} (src/ffi_stage.rs) differ"
+        );
+    }
+}
+
+/// The shim's codes: `local RC_A, STAGE_B = 0, 1` lines of the shim's
+/// ABI file, as (name, value).
+fn lua_codes() -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for line in SHIM.lines() {
+        let Some((lhs, rhs)) = line
+            .strip_prefix("local ")
+            .and_then(|l| l.split_once(" = "))
+        else {
+            continue;
+        };
+        let names: Vec<&str> = lhs.split(", ").collect();
+        if !names
+            .iter()
+            .all(|n| n.starts_with("RC_") || n.starts_with("STAGE"))
+        {
+            continue;
+        }
+        let rhs = rhs.split("--").next().unwrap().trim();
+        let values: Vec<i32> = rhs.split(", ").map(|v| v.parse().unwrap()).collect();
+        assert_eq!(names.len(), values.len(), "{line}");
+        out.extend(names.iter().map(|n| n.to_string()).zip(values));
+    }
+    out
+}
+
+/// `pub const name: i32 = value;` in src/ffi.rs or src/ffi_stage.rs.
+fn rust_code(name: &str) -> Option<i32> {
+    let head = format!("pub const {name}: i32 = ");
+    [EXPORTS, STAGE_EXPORTS].into_iter().find_map(|f| {
+        let at = f.find(&head)? + head.len();
+        f[at..at + f[at..].find(';')?].parse().ok()
+    })
+}
+
+#[test]
+fn the_shims_codes_are_rusts() {
+    let lua = lua_codes();
+    assert!(lua.len() >= 6, "parsed too few codes: {lua:?}");
+    for (name, value) in &lua {
+        assert_eq!(
+            rust_code(name),
+            Some(*value),
+            "{name} in the shim and in src/ffi.rs or src/ffi_stage.rs differ"
+        );
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@
 --                                            -- resty_counter_stage, or of
 --                                            -- the zone named second)
 --   stage.publish(h, key, delta)             -- 0 staged, 1 full, 2 too long
+--                                            -- (a batch of one pair)
 --   stage.fold(h, lease_ms)                  -- written count or negative code
 --                                            -- (folds through a flusher of
 --                                            -- the same dict, as a sync does)
@@ -25,22 +26,16 @@ local INFO = {
     "anchor",
     "slots",
     "key_bytes",
-    "created",
     "lease_owner",
     "published",
     "folded",
     "full",
-    "too_long",
-    "reclaimed",
     "lost_events",
     "lost_amount",
     "fill",
-    "fold_rounds",
-    "takeovers",
     "my_folded",
     "pid",
     "zone_regions",
-    "zone_region_bytes",
     "orphans_lost_events",
     "orphans_lost_amount",
 }
@@ -49,8 +44,12 @@ local lib
 local handles = {}
 local flushers = {}
 local err_out = ffi.new("int32_t[1]")
-local fold_out = ffi.new("double[3]")
-local info_out -- a resty_counter_stage_report, once the cdef is declared
+local one_key = ffi.new("const unsigned char *[1]")
+local one_len = ffi.new("size_t[1]")
+local one_delta = ffi.new("double[1]")
+local one_rc = ffi.new("int32_t[1]")
+-- Structs of the shim's cdef, once it is declared (by _M.lib).
+local attach_out, fold_out, info_out
 
 -- The library; `dict_name` (default "counters") names any shared dict of
 -- this nginx, for the new() that loads it and declares the shim's cdef.
@@ -65,7 +64,7 @@ function _M.lib(dict_name)
 end
 
 function _M.strerror(code)
-    return ffi.string(_M.lib().resty_counter_stage_strerror(code))
+    return ffi.string(_M.lib().resty_counter_strerror(code))
 end
 
 -- Attaches the dict `dict_name` to its region of the stage zone
@@ -92,16 +91,17 @@ function _M.attach(dict_name, zone_name, zone_udata_of)
         l.resty_counter_flusher_free(p)
     end)
     local zone = ngx.shared[zone_udata_of or zone_name]
+    attach_out = attach_out or ffi.new("resty_counter_attach_result")
     local h = l.resty_counter_stage_attach(
         f,
         zone[1],
         zone_name,
         #zone_name,
         0,
-        err_out
+        attach_out
     )
     if h == nil then
-        return nil, err_out[0], _M.strerror(err_out[0])
+        return nil, attach_out.code, _M.strerror(attach_out.code)
     end
     h = ffi.gc(h, function(p)
         l.resty_counter_stage_free(p)
@@ -112,18 +112,25 @@ function _M.attach(dict_name, zone_name, zone_udata_of)
 end
 
 function _M.publish(h, key, delta)
-    return _M.lib().resty_counter_stage_publish(h, key, #key, delta)
+    one_key[0], one_len[0], one_delta[0] = key, #key, delta
+    local rc = _M.lib()
+        .resty_counter_stage_publish_batch(h, one_key, one_len, one_delta, 1, one_rc)
+    if rc < 0 then
+        return rc
+    end
+    return one_rc[0]
 end
 
 -- One whole round (the manual sync's fold): folds even when another
 -- worker holds the lease.
 function _M.fold(h, lease_ms)
+    fold_out = fold_out or ffi.new("resty_counter_fold_result")
     local rc = _M.lib()
         .resty_counter_stage_fold(h, flushers[h], 1, lease_ms or 200, 0, fold_out)
     if rc < 0 then
         return rc
     end
-    return tonumber(fold_out[0])
+    return fold_out.written
 end
 
 function _M.info(h)

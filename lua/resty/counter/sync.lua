@@ -1,0 +1,423 @@
+-- resty.counter.sync: the sync driver. At each sync this worker's buffer
+-- is swapped for a fresh one and drained into the library (straight into
+-- the dict, or published into the shared stage in batches), the stage is
+-- folded, and the sync is ended in Rust, which decides its result. The
+-- automatic sync and a sync() that may yield run in slices with a pause
+-- between; a sync that cannot yield runs at once. The timer that drives
+-- the automatic sync: resty.counter.timer.
+
+local ngx = ngx
+local tostring = tostring
+local next = next
+local pairs = pairs
+
+local abi = require("resty.counter.abi")
+local stage = require("resty.counter.stage")
+local log = require("resty.counter.log")
+local pure = require("resty.counter.pure")
+
+local _M = {}
+
+-- The tuning constants of a sync (the table in docs/DESIGN.md).
+local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
+-- The pause between slices, taken only when the event loop has work
+-- waiting (see pause). ngx.sleep(0) needs OpenResty's delayed-events nginx
+-- patch; without it (Debian's nginx) it still waits for a timer cycle, but
+-- logs a WARN each time. 1 ms lets the event loop run there too.
+local SLICE_PAUSE = 0.001
+local CLOCK_EVERY = 32 -- keys between two looks at the clock
+local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
+local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
+local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
+
+local has_ffi, ffi = abi.has_ffi, abi.ffi
+-- With OpenResty's delayed-events patch (its queue is in the nginx binary),
+-- ngx.sleep(0) yields to the event loop at once: pause 0 there.
+if has_ffi then
+    pcall(ffi.cdef, "extern char ngx_posted_delayed_events;")
+    if
+        pcall(function()
+            return ffi.C.ngx_posted_delayed_events
+        end)
+    then
+        SLICE_PAUSE = 0
+    end
+end
+
+local RC_STORED, RC_STORED_EVICTED = abi.RC_STORED, abi.RC_STORED_EVICTED
+local RC_RETAINED, RC_DROPPED_CAP = abi.RC_RETAINED, abi.RC_DROPPED_CAP
+local STAGED, STAGE_FULL, BATCH = abi.STAGED, abi.STAGE_FULL, abi.BATCH
+local strerror, incr_or_add = abi.strerror, abi.incr_or_add
+local stage_of, leave_stage, full_once =
+    stage.stage_of, stage.leave_stage, stage.full_once
+local key_line, failed_line = log.key_line, log.failed_line
+local fold_lines, sync_lines = log.fold_lines, log.sync_lines
+local clear_tab = pure.clear_tab
+
+local lib, end_out, fold_out -- once the library is loaded
+local batch_keys, batch_lens, batch_deltas, batch_rcs
+abi.bind(function(a)
+    lib, end_out, fold_out = a.lib, a.end_out, a.fold_out
+    batch_keys, batch_lens = a.batch_keys, a.batch_lens
+    batch_deltas, batch_rcs = a.batch_deltas, a.batch_rcs
+end)
+local batch_strs = {} -- the same keys as Lua strings, for the fallback
+
+---------------------------------------------------------------------------
+-- Flush (native): hand (key, delta) pairs to Rust, report what happened.
+---------------------------------------------------------------------------
+-- Logs one key's outcome (through key_line); Rust counts and decides the
+-- sync's result, and end_sync logs the count lines.
+local function report(self, key, rc)
+    if rc == RC_STORED_EVICTED then
+        if self.error_metric then
+            key_line(
+                self,
+                ngx.ERR,
+                "evicted",
+                key,
+                "increasing counter in shdict: lru eviction: key=",
+                ""
+            )
+        end
+        return
+    end
+    if rc == RC_DROPPED_CAP then
+        return -- one count line per sync, from end_sync
+    end
+    failed_line(
+        self,
+        key,
+        strerror(rc)
+            .. (rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
+    )
+end
+
+-- Publishes the first m pairs of the batch arrays in one call; writes the
+-- ones the stage refuses (full, too long) directly. Once all m are
+-- handed over, self.cursor moves past them, then the outcomes are
+-- reported: a sync that raises while reporting does not hand them over
+-- twice when the next one goes on.
+local function publish_batch(self, m, st)
+    local staged = lib.resty_counter_stage_publish_batch(
+        st,
+        batch_keys,
+        batch_lens,
+        batch_deltas,
+        m,
+        batch_rcs
+    )
+    if staged == m then
+        self.published = self.published + m
+        self.cursor = batch_strs[m - 1]
+        return
+    end
+    local add, h = lib.resty_counter_flusher_write, self.handle
+    for i = 0, m - 1 do
+        if staged >= 0 and batch_rcs[i] == STAGED then
+            self.published = self.published + 1
+            batch_rcs[i] = RC_STORED -- nothing to report
+        else
+            if staged >= 0 and batch_rcs[i] == STAGE_FULL then
+                full_once(self)
+            end
+            local key = batch_strs[i]
+            self.fallback_writes = self.fallback_writes + 1
+            batch_rcs[i] = add(h, key, #key, batch_deltas[i])
+        end
+    end
+    self.cursor = batch_strs[m - 1]
+    for i = 0, m - 1 do
+        local rc = batch_rcs[i]
+        if rc ~= RC_STORED then
+            report(self, batch_strs[i], rc)
+        end
+    end
+end
+
+-- The pause between two slices of a sync: ngx.sleep(SLICE_PAUSE), but
+-- only while the event loop has work waiting (an I/O event, a timer due,
+-- a posted event: src/event_loop.rs); with nothing waiting the next slice
+-- runs at once, as an idle worker's pause would only cost CPU (an idle
+-- millisecond, then cold caches).
+local function pause()
+    if lib.resty_counter_loop_waiting() ~= 0 then
+        ngx.sleep(SLICE_PAUSE)
+    end
+end
+
+-- Hands the drained buffer over: into the stage `st` if given, BATCH keys
+-- per call (a key it refuses, full or too long, is written directly), else
+-- straight into the dict, key by key (handing the direct writes over in
+-- batches measured no faster: the dict's own write is the cost). With a
+-- budget, pauses after about that many seconds of work, inside the loop:
+-- LuaJIT compiles a pairs() loop as such only while every run of that loop
+-- starts from the table's first key, so the loop goes on where it paused
+-- instead of starting again from a key (that made this loop call next()
+-- per key, a hash lookup each, in every later drain). self.cursor is the
+-- last key handed over, set before anything that may raise. Returns once
+-- the buffer is done (self.draining is nil), or when another sync took the
+-- drain over during a pause (a manual sync() that finishes it between two
+-- slices of the automatic one): a drain that starts on a buffer another
+-- left under way goes on from self.cursor, with next(), so each key is
+-- handed over once.
+local function drain(self, budget, st)
+    local t, from = self.draining, self.cursor
+    local turn = (self.drain_turn or 0) + 1
+    self.drain_turn = turn
+    local h, add = self.handle, lib.resty_counter_flusher_write
+    local clock = lib.resty_counter_clock
+    local deadline = budget and clock() + budget
+    local n, m = 0, 0
+    -- One key; false once another drain has taken over during a pause.
+    local function hand(key, delta)
+        if st then
+            -- A Lua string converts to a pointer into itself; `t` keeps
+            -- every key alive until the batch is published.
+            batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+            batch_strs[m] = key
+            m = m + 1
+            if m == BATCH then
+                publish_batch(self, m, st)
+                m = 0
+            end
+        else
+            local rc = add(h, key, #key, delta)
+            self.cursor = key
+            if rc ~= RC_STORED then
+                report(self, key, rc)
+            end
+        end
+        n = n + 1
+        if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
+            if m > 0 then
+                publish_batch(self, m, st)
+                m = 0
+            end
+            pause()
+            deadline = clock() + budget
+            return self.drain_turn == turn
+        end
+        return true
+    end
+    if from == nil then
+        for key, delta in pairs(t) do
+            if not hand(key, delta) then
+                return
+            end
+        end
+    else
+        for key, delta in next, t, from do
+            if not hand(key, delta) then
+                return
+            end
+        end
+    end
+    if m > 0 then
+        publish_batch(self, m, st)
+    end
+    self.draining, self.cursor = nil, nil
+    -- Recycle the buffer unless it was a burst: a fresh table regrows by
+    -- rehashing, a multi-millisecond step on the request path when every
+    -- interval dirties ~100k keys. A big buffer after a burst (more than
+    -- twice the keys of the drain before) is freed instead.
+    local prev = self.last_drained or 0
+    self.last_drained = n
+    if n <= KEEP_SPARE_MAX or n <= 2 * prev then
+        clear_tab(t)
+        self.spare = t
+    end
+end
+
+-- Moves the live buffer aside for draining; increments go to a fresh one.
+local function swap(self)
+    local t = self.buf
+    if next(t) == nil then
+        return false
+    end
+    local fresh = self.spare or {}
+    self.spare = nil
+    self.buf = fresh
+    self.draining, self.cursor = t, nil
+    return true
+end
+
+-- Logs what one fold call failed to write or evicted.
+local function count_fold(self)
+    local evicted, failed = fold_out.evicted, fold_out.failed
+    -- This worker's running total is Rust's (stage_info's my_folded).
+    -- Whether the sync succeeded is the flusher's to say (end_sync): the
+    -- folded writes went through it.
+    fold_lines(self, failed, evicted)
+end
+
+local function lease_ms(self)
+    return math.floor((self.interval or GUARD_PERIOD) * LEASE_INTERVALS * 1000)
+end
+
+-- Folds the stage in slices of about SLICE_SECONDS with a pause between,
+-- every delta going through the flusher like a direct write. mode 0: the
+-- automatic fold, once per interval by the worker that holds (or takes)
+-- the lease; others return at once. mode 2: a whole round whoever holds
+-- the lease (a sync() that may yield).
+local function fold_sliced(self, mode)
+    local st = self.stage
+    while st do
+        local rc = lib.resty_counter_stage_fold(
+            st,
+            self.handle,
+            mode or 0,
+            lease_ms(self),
+            SLICE_SECONDS,
+            fold_out
+        )
+        if rc < 0 then
+            return -- another worker holds the lease
+        end
+        count_fold(self)
+        if rc == 1 then
+            return
+        end
+        pause()
+        if self.stage ~= st then
+            return -- the worker left the stage meanwhile (exit)
+        end
+    end
+end
+
+-- The whole stage, once, without yielding (manual sync and exit).
+local function fold_whole(self)
+    local st = self.stage
+    if not st then
+        return
+    end
+    lib.resty_counter_stage_fold(
+        st,
+        self.handle,
+        1,
+        lease_ms(self),
+        0,
+        fold_out
+    )
+    count_fold(self)
+end
+
+-- Ends the sync in Rust, which decides whether it succeeded, counts it in
+-- the error metric if it did not, and logs the sync's count lines from
+-- what Rust returns (see "What syncs log").
+local function end_sync(self)
+    local r = end_out
+    if
+        lib.resty_counter_flusher_end(
+            self.handle,
+            self.error_metric and 1 or 0,
+            r
+        ) ~= RC_STORED
+    then
+        return false
+    end
+    local ok = r.ok ~= 0
+    if not ok and self.error_metric then
+        incr_or_add(self, self.error_metric, 1, 0)
+    end
+    sync_lines(self, r)
+    return ok
+end
+
+-- Runs one sync: begins it in Rust, runs body(self), and ends it
+-- whatever the body raises (an application's wrapped function, memory
+-- pressure), so the next sync starts afresh and retries what is pending;
+-- a drain the error cut short goes on where it stopped (see drain).
+-- Returns the sync's result, or nil, the error and its traceback.
+local function run_sync(self, body)
+    lib.resty_counter_flusher_begin(self.handle)
+    local trace
+    local ok, err = xpcall(body, function(e)
+        trace = debug.traceback(tostring(e), 2)
+        return e
+    end, self)
+    local synced = end_sync(self)
+    if not ok then
+        return nil, err, trace
+    end
+    return synced
+end
+
+-- A complete sync that never yields: manual sync() and worker exit. This
+-- worker's buffer goes straight into the dict, then the whole stage is
+-- folded once, so that what any worker published is in the dict too. An
+-- exiting worker then leaves the stage.
+local function sync_now(self)
+    lib.resty_counter_flusher_retry(self.handle, 0)
+    if self.draining then
+        drain(self, nil, nil)
+    end
+    if swap(self) then
+        drain(self, nil, nil)
+    end
+    if stage_of(self) then
+        fold_whole(self)
+        if ngx.worker.exiting() then
+            leave_stage(self)
+        end
+    end
+end
+
+-- sync() where it may yield (YIELDING_PHASES, the worker not exiting): what
+-- sync_now does, in slices of about SLICE_SECONDS with a pause between, so
+-- that a collector's sync before each scrape never stalls the worker. This
+-- worker's buffer goes into the dict directly, never through the stage, so
+-- it is there when sync() returns; a drain the automatic sync left between
+-- two of its slices is finished here (both go on from self.cursor, so each
+-- key is handed over once). Then the whole stage is folded once.
+local YIELDING_PHASES = {
+    rewrite = true,
+    access = true,
+    content = true,
+    timer = true,
+    preread = true,
+}
+local function sync_yielding(self)
+    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
+        pause()
+    end
+    -- A drain left under way, then this worker's buffer as of now.
+    local swapped = false
+    repeat
+        while self.draining do
+            drain(self, SLICE_SECONDS)
+        end
+        swapped = not swapped and swap(self)
+    until not swapped
+    if stage_of(self) then
+        fold_sliced(self, 2)
+    end
+end
+
+-- The automatic sync: slices of about SLICE_SECONDS with a pause between
+-- them when the event loop has work waiting, so thousands of keys never
+-- stall the event loop.
+local function sync_sliced(self)
+    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
+        pause()
+    end
+    if not self.draining then
+        swap(self)
+    end
+    -- A manual sync() may finish the drain between two slices: sync_now at
+    -- once, sync_yielding in slices of its own; both go on from
+    -- self.cursor, so each key is handed over once, and draining is nil
+    -- when the drain is done, whoever finished it.
+    stage_of(self)
+    while self.draining do
+        drain(self, SLICE_SECONDS, self.stage)
+    end
+    fold_sliced(self)
+end
+
+_M.SLICE_PAUSE, _M.GUARD_PERIOD = SLICE_PAUSE, GUARD_PERIOD
+_M.run_sync, _M.sync_now, _M.sync_yielding, _M.sync_sliced =
+    run_sync, sync_now, sync_yielding, sync_sliced
+_M.YIELDING_PHASES = YIELDING_PHASES
+
+return _M
