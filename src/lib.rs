@@ -33,10 +33,12 @@
 //!    `publish_batch` and `fold_sliced` below): `resty_counter_flusher_begin`,
 //!    the body, then `end_sync` (`resty_counter_flusher_end`).
 //! 3. `sync_sliced` calls `resty_counter_flusher_retry(h, SLICE_SECONDS)`
-//!    until it returns 0 (an `ngx.sleep(SLICE_PAUSE)` between calls), then
-//!    `swap` (the buffer moves to `self.draining`, a spare table takes its
-//!    place), then `drain(self, SLICE_SECONDS, nil)` until it returns true,
-//!    sleeping `SLICE_PAUSE` between slices. A manual `c:sync()` runs
+//!    until it returns 0 (`pause` between calls), then `swap` (the buffer
+//!    moves to `self.draining`, a spare table takes its place), then
+//!    `drain(self, SLICE_SECONDS, nil)`, which calls `pause` inside its
+//!    loop after each slice: `ngx.sleep(SLICE_PAUSE)` when
+//!    `resty_counter_loop_waiting` (`event_loop.rs`) finds work waiting for
+//!    the event loop, else nothing. A manual `c:sync()` runs
 //!    `sync_yielding` (the same in slices, never through the stage) or, in
 //!    phases that cannot yield and at exit, `sync_now` (no budget).
 //! 4. `drain` calls `resty_counter_flusher_write` (`ffi.rs`) once per key,
@@ -62,7 +64,7 @@
 //!    direct path (`fallback_writes`).
 //! 5. `fold_sliced(self)` (mode 0) calls `resty_counter_stage_fold` with
 //!    `SLICE_SECONDS` until it returns 1 (round done) or `RC_BUSY` (another
-//!    worker holds the lease), sleeping `SLICE_PAUSE` between calls; then
+//!    worker holds the lease), with `pause` between calls; then
 //!    `count_fold`. In Rust: the lease ([`stage::Stage::lease`]),
 //!    `fold_for` in chunks of `FOLD_CHUNK` slots ([`stage::Stage::fold`]),
 //!    each taken (key, delta) into [`flush::Flusher::add`], then steps 5-6
