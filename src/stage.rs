@@ -68,6 +68,8 @@ pub const SLOT_HEAD_WORDS: usize = 4;
 pub const PROBE_LIMIT: usize = 64;
 /// Keys hashed ahead in a batch publish, so their cache misses overlap.
 const GROUP: usize = 8;
+/// Slots ahead of the fold's walk whose lines it asks for (`touch`).
+const FOLD_AHEAD: usize = 16;
 /// Folds a slot must stay at delta 0 before it is retired.
 pub const IDLE_FOLDS: u64 = 2;
 /// The largest key-word count a layout may have (keys up to 2 KiB).
@@ -806,6 +808,11 @@ impl<'a> Stage<'a> {
             let s = *cursor;
             *cursor += 1;
             out.visited += 1;
+            // The walk is sequential: ask for a slot FOLD_AHEAD on while
+            // this one is folded, so its misses overlap with the work.
+            if s + FOLD_AHEAD < self.slots {
+                self.touch(s + FOLD_AHEAD);
+            }
             self.fold_slot(w, s, alive, &mut key, &mut sink, &mut out);
         }
         self.end_pass(w);

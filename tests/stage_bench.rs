@@ -144,3 +144,40 @@ fn publish_ns_per_key() {
     eprintln!("{s:?}");
     assert_eq!(s.full + s.too_long, 0, "{s:?}");
 }
+
+/// Fold cost: one round over a region of 4 slots per key (as `make
+/// bench`'s scaling figure sizes it), every key with a delta, in ns per
+/// slot walked and per key folded (the sink only sums: no dict write).
+#[test]
+#[ignore]
+fn fold_ns_per_slot() {
+    let keys = keys();
+    let p = Params {
+        slots: keys.len() * 4,
+        ..params()
+    };
+    let words = p.region_words();
+    let region: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
+    let st = Stage::init(&region, p).unwrap();
+    let w = st.register(1, &|_| true).unwrap();
+    let mut best = f64::MAX;
+    let mut sum = 0.0;
+    for _ in 0..ROUNDS {
+        st.publish_many(w, keys.iter().map(|k| (&k[..], 1.0)), |_, _, _| {});
+        let mut cursor = 0;
+        let t = Instant::now();
+        let out = st.fold(w, &mut cursor, usize::MAX, &|_| true, |_, d| sum += d);
+        let ns = t.elapsed().as_nanos() as f64;
+        assert!(out.done);
+        best = best.min(ns);
+    }
+    std::hint::black_box(sum);
+    eprintln!(
+        "fold, K={} keys in {} slots: best round {:.2} ms, {:.1} ns/slot, {:.1} ns/key",
+        keys.len(),
+        p.slots,
+        best / 1e6,
+        best / p.slots as f64,
+        best / keys.len() as f64
+    );
+}
