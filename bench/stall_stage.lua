@@ -11,9 +11,14 @@
 --
 -- STALL_WORKERS (32), STALL_KEYS (100000), STALL_SECS (6), STALL_WARM (3),
 -- STALL_ROUNDS (3), STALL_MODES (the contenders), STALL_GC (stop: a
--- diagnostic, every worker's Lua GC stopped). Two figures per contender, each as the worst over all
--- workers and the median of the per-worker worsts, in ms (medians over the
--- rounds):
+-- diagnostic, every worker's Lua GC stopped), STALL_SCRAPE (seconds between
+-- two scrapes, 0: none): a client outside nginx GETs /scrape that often,
+-- whose handler calls the counter's sync() in the content phase, as
+-- nginx-lua-prometheus's collect() does before each scrape (the control
+-- answers without syncing). With scrapes, the goal of each counter is a
+-- worst lateness within the control's plus 2 ms. Two figures per
+-- contender, each as the worst over all workers and the median of the
+-- per-worker worsts, in ms (medians over the rounds):
 --   * lateness: how late the probe ran, in wall time. With more workers
 --     than cores it is mostly run-queue waiting: every worker's timers fire
 --     at the same second, and their CPU bursts queue on 2 cores.
@@ -42,6 +47,7 @@ do
 end
 -- Diagnostic: STALL_GC=stop stops each worker's Lua GC for the run.
 local GC = os.getenv("STALL_GC") == "stop" and "stop" or "keep"
+local SCRAPE = tonumber(os.getenv("STALL_SCRAPE")) or 0
 
 local HTTP = [[
 lua_shared_dict resty_counter_stage ${STAGE_MB}m;
@@ -55,6 +61,7 @@ init_worker_by_lua_block {
     local contenders = require("bench.contenders")
     local keys = contenders.keys("stall_requests_total", K)
     local c = contenders.new(mode, "stall", ${STAGE})
+    package.loaded["bench.stall_counter"] = c or false -- for /scrape
     -- The increments arrive spread over the second, as requests do: every
     -- 10 ms a timer adds the next K / 100 keys, so that no single run of
     -- the load itself holds the event loop for long.
@@ -117,6 +124,15 @@ init_worker_by_lua_block {
 ]]
 
 local SERVER = [[
+location = /scrape {
+    content_by_lua_block {
+        local c = package.loaded["bench.stall_counter"]
+        if c then
+            c:sync()
+        end
+        ngx.say("ok")
+    }
+}
 location = /worst {
     content_by_lua_block {
         local out, late, hold = ngx.shared.stall_out, {}, {}
@@ -145,7 +161,19 @@ local function run(mode)
         })),
         server = SERVER,
     })
-    socket.sleep(WARM + SECS)
+    if SCRAPE > 0 then
+        socket.sleep(WARM)
+        local t0 = socket.gettime()
+        local tick = t0
+        while tick < t0 + SECS do
+            local status = srv:get("/scrape", nil, 60)
+            assert(status == 200, "GET /scrape: " .. tostring(status))
+            tick = tick + SCRAPE
+            socket.sleep(math.max(0, tick - socket.gettime()))
+        end
+    else
+        socket.sleep(WARM + SECS)
+    end
     local _, body = srv:get("/worst")
     srv:stop()
     local function worsts(text)
@@ -167,12 +195,13 @@ local function median(t)
 end
 
 print(
-    ("stall: %d workers, %d keys, %d s after %d s warm-up, %d rounds"):format(
+    ("stall: %d workers, %d keys, %d s after %d s warm-up, %d rounds%s"):format(
         WORKERS,
         KEYS,
         SECS,
         WARM,
-        ROUNDS
+        ROUNDS,
+        SCRAPE > 0 and (", a scrape every %g s"):format(SCRAPE) or ""
     )
 )
 -- Per contender, per round: the worst lateness over the workers, the
@@ -214,15 +243,35 @@ print(
     "            lateness (wall, run-queue waits included)   "
         .. "hold (CPU between two probe runs)"
 )
+-- The goal, with scrapes: every counter's worst lateness within the
+-- control's plus 2 ms.
+local control = got.control and median(got.control.worst)
+local tally = { pass = 0, MISS = 0 }
 for _, mode in ipairs(MODES) do
     local g = got[mode]
+    local result = ""
+    if SCRAPE > 0 and control and mode ~= "control" then
+        local ok = median(g.worst) <= control + 2
+        result = ("  goal <= %.1f ms: %s"):format(
+            control + 2,
+            ok and "pass" or "MISS"
+        )
+        tally[ok and "pass" or "MISS"] = tally[ok and "pass" or "MISS"] + 1
+    end
     print(
-        ("%-8s    worst %7.1f ms, median %7.1f ms          worst %6.2f ms, median %6.2f ms"):format(
+        (
+            "%-8s    worst %7.1f ms, median %7.1f ms"
+            .. "          worst %6.2f ms, median %6.2f ms%s"
+        ):format(
             mode,
             median(g.worst),
             median(g.median),
             median(g.hold_worst),
-            median(g.hold_median)
+            median(g.hold_median),
+            result
         )
     )
+end
+if SCRAPE > 0 and control then
+    print(("scrape goals: %d pass, %d miss"):format(tally.pass, tally.MISS))
 end
