@@ -19,7 +19,7 @@ local pure = require("resty.counter.pure")
 local _M = {}
 
 -- The tuning constants of a sync (the table in docs/DESIGN.md).
-local SLICE_SECONDS = 0.0005 -- work per slice of an automatic sync
+local SLICE_SECONDS = 0.00025 -- work per slice of a sync
 -- The pause between slices, taken only when the event loop has work
 -- waiting (see pause). ngx.sleep(0) needs OpenResty's delayed-events nginx
 -- patch; without it (Debian's nginx) it still waits for a timer cycle, but
