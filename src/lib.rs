@@ -34,7 +34,8 @@
 //!    the body, then `end_sync` (`resty_counter_flusher_end`).
 //! 3. `sync_sliced` calls `resty_counter_flusher_retry(h, SLICE_SECONDS)`
 //!    until it returns 0 (`pause` between calls), then `swap` (the buffer
-//!    moves to `self.draining`, a spare table takes its place), then
+//!    moves to `self.draining`, a spare table takes its place; skipped
+//!    while a drain is still under way, which goes on instead), then
 //!    `drain(self, SLICE_SECONDS, nil)`, which calls `pause` inside its
 //!    loop after each slice: `ngx.sleep(SLICE_PAUSE)` when
 //!    `resty_counter_loop_waiting` (`event_loop.rs`) finds work waiting for
@@ -68,7 +69,9 @@
 //!    `count_fold`. In Rust: the lease ([`stage::Stage::lease`]),
 //!    `fold_for` in chunks of `FOLD_CHUNK` slots ([`stage::Stage::fold`]),
 //!    each taken (key, delta) into [`flush::Flusher::add`], then steps 5-6
-//!    of the direct path; at a round's end `zone::ZoneStage::tend`.
+//!    of the direct path; at a round's end `zone::ZoneStage::tend`. So a
+//!    staged count reaches the dict through the lease holder's flusher,
+//!    often another worker's: a delta the dict refuses is pending there.
 //! 6. A manual `c:sync()` writes this worker's buffer directly
 //!    (`sync_yielding` or `sync_now`) and then folds the whole stage:
 //!    `fold_sliced(self, 2)` or `fold_whole` (mode 1).
