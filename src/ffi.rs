@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -37,6 +37,9 @@ pub const RC_DROPPED_OVERFLOW: i32 = 6;
 /// The sum at the key was not finite: the key now holds the largest finite
 /// number of its sign, and this delta is dropped.
 pub const RC_DROPPED_NOT_FINITE: i32 = 7;
+/// The dict is full and the delta was written through
+/// (`resty_counter_write_through`): nothing keeps it; it is dropped.
+pub const RC_DROPPED_NO_MEMORY: i32 = 8;
 /// A required pointer argument was NULL.
 pub const RC_NULL: i32 = -1;
 /// Key empty or longer than 65535 bytes; nothing changed.
@@ -135,6 +138,7 @@ pub(crate) fn outcome_code(o: Outcome) -> i32 {
         Outcome::Retained(_) => RC_RETAINED,
         Outcome::Dropped(DictError::NotANumber) => RC_DROPPED_NOT_A_NUMBER,
         Outcome::Dropped(DictError::NotFinite) => RC_DROPPED_NOT_FINITE,
+        Outcome::Dropped(DictError::NoMemory) => RC_DROPPED_NO_MEMORY,
         Outcome::Dropped(_) => RC_DROPPED_OTHER,
         Outcome::DroppedCap => RC_DROPPED_CAP,
         Outcome::DroppedOverflow => RC_DROPPED_OVERFLOW,
@@ -166,6 +170,7 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_DROPPED_OTHER => c"shared dict error",
         RC_DROPPED_OVERFLOW => c"sum with the pending delta is not finite: dropped",
         RC_DROPPED_NOT_FINITE => c"sum in the dict is not finite: key saturated, delta dropped",
+        RC_DROPPED_NO_MEMORY => c"no memory, written straight through: dropped",
         RC_NULL => c"NULL argument",
         RC_BAD_KEY => c"key must be 1 to 65535 bytes",
         RC_BAD_DELTA => c"delta must be a finite number",
@@ -394,6 +399,41 @@ pub unsafe extern "C" fn resty_counter_flusher_end(
     })
 }
 
+/// Writes one increment straight into the dict (init 0), outside any
+/// sync: the shim's write-through, while it keeps no buffer (its timer
+/// refused, after its exit flush, a Lua VM per request). A refusal drops
+/// the delta and counts it in the handle's statistics
+/// ([`Flusher::write_through`]); the sync's result is not touched.
+///
+/// # Safety
+/// `h` must be NULL or a live handle; `key` must point at `key_len`
+/// readable bytes (any bytes, NUL included).
+///
+/// # Errors
+/// `RC_NULL`, `RC_BAD_KEY`, `RC_BAD_DELTA` (nothing changed), `RC_PANIC`;
+/// else `RC_STORED`, `RC_STORED_EVICTED` or a drop: `RC_DROPPED_NO_MEMORY`,
+/// `RC_DROPPED_NOT_A_NUMBER`, `RC_DROPPED_NOT_FINITE`, `RC_DROPPED_OTHER`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_write_through(
+    h: *mut FlusherHandle,
+    key: *const u8,
+    key_len: usize,
+    delta: f64,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live and not aliased during the call; the
+        // caller guarantees key_len readable bytes at key.
+        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
+            return RC_NULL;
+        };
+        match h.flusher.write_through(key, delta) {
+            Ok(o) => outcome_code(o),
+            Err(Rejected::BadKey) => RC_BAD_KEY,
+            Err(Rejected::BadDelta) => RC_BAD_DELTA,
+        }
+    })
+}
+
 /// `dict:incr(key, value, init)` on this handle's dict, the CRC-safe way
 /// the flush writes (incr without init, then add): for `reset` and the
 /// error metric. Writes the new value into `*new_value` (when not NULL).
@@ -570,6 +610,10 @@ mod tests {
                 resty_counter_incr(ptr::null_mut(), b"k".as_ptr(), 1, 1.0, 0.0, ptr::null_mut()),
                 RC_NULL
             );
+            assert_eq!(
+                resty_counter_write_through(ptr::null_mut(), b"k".as_ptr(), 1, 1.0),
+                RC_NULL
+            );
             resty_counter_flusher_free(ptr::null_mut());
         }
     }
@@ -677,7 +721,7 @@ mod tests {
         // SAFETY: strerror returns a static NUL-terminated string.
         let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
         let mut seen = std::collections::HashSet::new();
-        for code in RC_PANIC..=RC_DROPPED_NOT_FINITE {
+        for code in RC_PANIC..=RC_DROPPED_NO_MEMORY {
             // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
             assert_ne!(msg, unknown, "code {code} falls to the catch-all");

@@ -307,6 +307,46 @@ impl<D: Dict> Flusher<D> {
         }
     }
 
+    /// Writes one increment straight into the dict, outside any sync: the
+    /// shim's write-through, while it keeps no buffer (its timer refused,
+    /// after its exit flush, a Lua VM per request). Nothing keeps a delta
+    /// the dict refuses here, so every refusal is a drop, counted as one:
+    /// `failed_writes`, and `dropped_deltas` (no memory),
+    /// `dropped_overflow` (the sum in the dict is not finite) or
+    /// `dropped_permanent` (anything else). A stored one counts in
+    /// `keys_flushed` (and `evictions`). The sync's state and result are
+    /// not touched: the shim adds each drop to the error metric itself.
+    pub fn write_through(&mut self, key: &[u8], delta: f64) -> Result<Outcome, Rejected> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Rejected::BadKey);
+        }
+        if !delta.is_finite() {
+            return Err(Rejected::BadDelta);
+        }
+        match self.dict.incr(key, delta) {
+            Ok(w) => {
+                self.stats.keys_flushed += 1;
+                if w.evicted {
+                    self.stats.evictions += 1;
+                    Ok(Outcome::StoredEvicted)
+                } else {
+                    Ok(Outcome::Stored)
+                }
+            }
+            Err(e) => {
+                self.stats.failed_writes += 1;
+                match e {
+                    DictError::NoMemory => self.stats.dropped_deltas += 1,
+                    DictError::NotFinite => self.stats.dropped_overflow += 1,
+                    DictError::NotANumber | DictError::Other => {
+                        self.stats.dropped_permanent += 1;
+                    }
+                }
+                Ok(Outcome::Dropped(e))
+            }
+        }
+    }
+
     /// Retries pending deltas not yet tried in this sync. `budget` bounds the
     /// time spent (None: all of them); the clock is read after every write,
     /// so a slow dict overruns the budget by one write at most. At least one
@@ -547,6 +587,41 @@ pub(crate) mod tests {
         assert_eq!(f.dict().calls, 0);
         let max = vec![b'k'; MAX_KEY_LEN];
         assert_eq!(f.add(&max, 1.0), Ok(Outcome::Stored));
+    }
+
+    #[test]
+    fn a_write_through_the_dict_refuses_is_a_counted_drop_outside_the_sync() {
+        let mut f = flusher(FakeDict {
+            capacity: Some(1),
+            strings: vec![b"s".to_vec()],
+            evict_on: Some(b"a".to_vec()),
+            ..FakeDict::default()
+        });
+        f.begin();
+        assert_eq!(f.write_through(b"a", 1.0), Ok(Outcome::StoredEvicted));
+        assert_eq!(f.write_through(b"a", 2.0), Ok(Outcome::StoredEvicted));
+        assert_eq!(
+            f.write_through(b"b", 1.0),
+            Ok(Outcome::Dropped(DictError::NoMemory))
+        );
+        assert_eq!(
+            f.write_through(b"s", 1.0),
+            Ok(Outcome::Dropped(DictError::NotANumber))
+        );
+        assert_eq!(f.write_through(b"", 1.0), Err(Rejected::BadKey));
+        assert_eq!(f.write_through(b"b", f64::NAN), Err(Rejected::BadDelta));
+        assert_eq!(f.dict().nums[&b"a".to_vec()], 3.0);
+        assert_eq!(f.pending_delta(b"b"), None, "nothing is kept");
+        let s = f.stats();
+        assert_eq!(
+            (s.failed_writes, s.dropped_deltas, s.dropped_permanent),
+            (2, 1, 1)
+        );
+        assert_eq!((s.keys_flushed, s.evictions, s.pending_keys), (2, 2, 0));
+        // The sync it ran beside: not failed, nothing of its own to report.
+        let end = f.end(true);
+        assert!(end.ok);
+        assert_eq!((end.failed, end.evicted, end.dropped_cap), (0, 0, 0));
     }
 
     #[test]

@@ -205,6 +205,41 @@ fn cdef_and_exports_agree_on_the_stats_struct() {
     );
 }
 
+/// The names of the shim's `local STATS_FIELDS = { "a", "b", ... }`, in
+/// order: the fields `stats()` copies from `resty_counter_stats`.
+fn lua_stats_fields() -> Vec<String> {
+    let start = SHIM
+        .find("local STATS_FIELDS = {")
+        .expect("STATS_FIELDS in the shim")
+        + 22;
+    let len = SHIM[start..].find('}').expect("end of STATS_FIELDS");
+    SHIM[start..start + len]
+        .split(',')
+        .map(|f| f.trim().trim_matches('"').to_string())
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
+#[test]
+fn stats_copies_every_field_of_the_stats_struct() {
+    let names: Vec<String> = cdef_struct("resty_counter_stats")
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    let fields = lua_stats_fields();
+    assert!(fields.len() >= 10, "parsed too few names: {fields:?}");
+    let mut sorted = fields.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), fields.len(), "a name twice in STATS_FIELDS");
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(
+        sorted, want,
+        "STATS_FIELDS (lua/resty/counter/abi.lua) and the fields of resty_counter_stats (its cdef) differ: stats() would miss a field or read one that does not exist"
+    );
+}
+
 #[test]
 fn cdef_and_exports_agree_on_the_sync_result_struct() {
     let lua = cdef_struct("resty_counter_sync_result");

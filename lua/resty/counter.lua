@@ -46,6 +46,7 @@ abi.shim.path = debug.getinfo(1, "S").source:gsub("^@", "")
 
 local RC_STORED, STATS_FIELDS = abi.RC_STORED, abi.STATS_FIELDS
 local incr_or_add, new_native_handle = abi.incr_or_add, abi.new_native_handle
+local write_through = abi.write_through
 local run_sync, sync_now, sync_yielding, YIELDING_PHASES =
     sync.run_sync, sync.sync_now, sync.sync_yielding, sync.YIELDING_PHASES
 local check_timer, still_in_master = timer.check_timer, timer.still_in_master
@@ -181,12 +182,19 @@ function incr_slow(self, key, step)
         through = not self.timer
     end
     if through then
-        -- Before the fork (master), after the exit flush, or while nginx
-        -- refuses the timer: no timer will flush a buffer, so write
-        -- straight to the dict.
-        local _, err = incr_or_add(self, key, step, 0)
+        -- Before the fork (master), after the exit flush, while nginx
+        -- refuses the timer, or in a VM per request: no timer will flush a
+        -- buffer, so write straight to the dict. Nothing keeps an
+        -- increment the dict refuses here: it is dropped, and the library
+        -- counts it in stats(); the error metric takes 1 per drop, as for
+        -- a failed sync (not in the master, which has no stats). A refused
+        -- write of the error metric itself is not counted again.
+        local err = write_through(self, key, step)
         if err then
             failed_line(self, key, err)
+            if self.error_metric and self.handle then
+                incr_or_add(self, self.error_metric, 1, 0)
+            end
         end
         return true
     end

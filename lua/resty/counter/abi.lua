@@ -2,8 +2,8 @@
 -- one source of truth for its prototypes), finding and loading it (through
 -- resty.counter.loader), the cdata buffers the calls fill, the checks of
 -- whether a dict can be flushed natively (ffi, the lua-nginx-module
--- version, a VM per request), and the one-key write (reset, the error
--- metric, write-through). Loads in any Lua: without ffi or outside nginx,
+-- version, a VM per request), and the one-key writes (reset and the error
+-- metric; write-through). Loads in any Lua: without ffi or outside nginx,
 -- has_ffi is false and nothing here is called.
 
 local ngx = ngx
@@ -14,7 +14,7 @@ local ipairs = ipairs
 
 local _M = {}
 
-local ABI_VERSION = 11
+local ABI_VERSION = 12
 local LIB_NAME = "libresty_counter"
 
 -- Codes of src/ffi.rs and src/ffi_stage.rs the shim tells apart, by the
@@ -88,6 +88,8 @@ int32_t resty_counter_flusher_end(resty_counter_flusher *h,
     int32_t error_metric, resty_counter_sync_result *out);
 int32_t resty_counter_incr(resty_counter_flusher *h, const unsigned char *key,
     size_t key_len, double value, double init, double *new_value);
+int32_t resty_counter_write_through(resty_counter_flusher *h,
+    const unsigned char *key, size_t key_len, double delta);
 typedef struct {
     double pending_keys, pending_bytes, pending_sum, keys_flushed, retries,
            dropped_deltas, dropped_permanent, dropped_overflow, evictions,
@@ -301,5 +303,22 @@ local function incr_or_add(self, key, value, init)
     return nil, strerror(rc), false
 end
 _M.incr_or_add = incr_or_add
+
+-- An increment written straight into the dict, while no buffer is kept
+-- (see incr_slow): nil, or the message of the dict's refusal. The library
+-- counts a refusal in stats() as a drop (nothing keeps it); without a
+-- handle (the master, which has no stats) the Lua version above.
+local function write_through(self, key, step)
+    if not self.handle then
+        local _, err = incr_or_add_lua(self.dict, key, step, 0)
+        return err
+    end
+    local rc = lib.resty_counter_write_through(self.handle, key, #key, step)
+    if rc == RC_STORED or rc == RC_STORED_EVICTED then
+        return nil
+    end
+    return strerror(rc)
+end
+_M.write_through = write_through
 
 return _M
