@@ -1,12 +1,13 @@
 -- resty.counter.log: what syncs log, bounded per worker and minute
--- whatever the interval, and the count lines of a fold and of a sync's end
--- (what Rust returned for them).
+-- whatever the interval: each key's outcome (report), and the count lines
+-- of a fold and of a sync's end (what Rust returned for them).
 
 local ngx = ngx
 local pairs = pairs
 local ipairs = ipairs
 
 local pure = require("resty.counter.pure")
+local abi = require("resty.counter.abi")
 local clear_tab, printable = pure.clear_tab, pure.printable
 
 local _M = {}
@@ -250,7 +251,38 @@ function _M.sync_lines(self, r)
     roll_window() -- a window over logs its summary now, not at a later line
 end
 
+local RC_STORED_EVICTED, RC_RETAINED = abi.RC_STORED_EVICTED, abi.RC_RETAINED
+local RC_DROPPED_CAP, strerror = abi.RC_DROPPED_CAP, abi.strerror
+
+-- Logs one key's outcome of a sync's hand-over (through key_line); Rust
+-- counts and decides the sync's result, and end_sync logs the count lines.
+local function report(self, key, rc)
+    if rc == RC_STORED_EVICTED then
+        if self.error_metric then
+            key_line(
+                self,
+                ngx.ERR,
+                "evicted",
+                key,
+                "increasing counter in shdict: lru eviction: key=",
+                ""
+            )
+        end
+        return
+    end
+    if rc == RC_DROPPED_CAP then
+        return -- one count line per sync, from end_sync
+    end
+    failed_line(
+        self,
+        key,
+        strerror(rc)
+            .. (rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
+    )
+end
+
 _M.logbook, _M.close_window, _M.roll_window = logbook, close_window, roll_window
 _M.key_line, _M.failed_line, _M.count_line = key_line, failed_line, count_line
+_M.report = report
 
 return _M

@@ -44,13 +44,12 @@ if has_ffi then
     end
 end
 
-local RC_STORED, RC_STORED_EVICTED = abi.RC_STORED, abi.RC_STORED_EVICTED
-local RC_RETAINED, RC_DROPPED_CAP = abi.RC_RETAINED, abi.RC_DROPPED_CAP
+local RC_STORED = abi.RC_STORED
 local STAGED, STAGE_FULL, BATCH = abi.STAGED, abi.STAGE_FULL, abi.BATCH
-local strerror, incr_or_add = abi.strerror, abi.incr_or_add
+local incr_or_add = abi.incr_or_add
 local stage_of, leave_stage, full_once =
     stage.stage_of, stage.leave_stage, stage.full_once
-local key_line, failed_line = log.key_line, log.failed_line
+local report = log.report
 local fold_lines, sync_lines = log.fold_lines, log.sync_lines
 local clear_tab = pure.clear_tab
 
@@ -64,35 +63,9 @@ end)
 local batch_strs = {} -- the same keys as Lua strings, for the fallback
 
 ---------------------------------------------------------------------------
--- Flush (native): hand (key, delta) pairs to Rust, report what happened.
+-- Flush (native): hand (key, delta) pairs to Rust; log.report logs what
+-- happened to each.
 ---------------------------------------------------------------------------
--- Logs one key's outcome (through key_line); Rust counts and decides the
--- sync's result, and end_sync logs the count lines.
-local function report(self, key, rc)
-    if rc == RC_STORED_EVICTED then
-        if self.error_metric then
-            key_line(
-                self,
-                ngx.ERR,
-                "evicted",
-                key,
-                "increasing counter in shdict: lru eviction: key=",
-                ""
-            )
-        end
-        return
-    end
-    if rc == RC_DROPPED_CAP then
-        return -- one count line per sync, from end_sync
-    end
-    failed_line(
-        self,
-        key,
-        strerror(rc)
-            .. (rc == RC_RETAINED and " (kept, retried at the next sync)" or "")
-    )
-end
-
 -- Publishes the first m pairs of the batch arrays in one call; writes the
 -- ones the stage refuses (full, too long) directly. Once all m are
 -- handed over, self.cursor moves past them, then the outcomes are
