@@ -98,19 +98,18 @@ static CACHE: Mutex<Cache> = Mutex::new(Cache {
     found: None,
 });
 
-/// Milliseconds on `clock` (a `CLOCK_*` id).
-fn msec(clock: libc::clockid_t) -> usize {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+/// Milliseconds on the clock `ngx_current_msec` counts: the library's
+/// monotonic clock ([`crate::ffi::monotonic`]), or the wall clock for an
+/// nginx before 1.19.x.
+fn msec(monotonic: bool) -> usize {
+    let d = if monotonic {
+        crate::ffi::monotonic()
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
     };
-    // SAFETY: clock_gettime writes one timespec into a valid local.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as usize)
-        .wrapping_mul(1000)
-        .wrapping_add(ts.tv_nsec as usize / 1_000_000)
+    d.map_or(0, |d| d.as_millis() as usize)
 }
 
 /// The epoll instances among this process's open files.
@@ -151,9 +150,9 @@ impl Loop {
         // SAFETY: ngx_current_msec is nginx's ngx_msec_t (a uintptr_t)
         // global, read on the event loop's own thread.
         let now = unsafe { current_msec.as_ptr().read_volatile() };
-        let near = |clock| msec(clock).abs_diff(now) < 3_600_000;
-        let monotonic = near(libc::CLOCK_MONOTONIC);
-        if !monotonic && !near(libc::CLOCK_REALTIME) {
+        let near = |monotonic| msec(monotonic).abs_diff(now) < 3_600_000;
+        let monotonic = near(true);
+        if !monotonic && !near(false) {
             return None;
         }
         Some(Loop {
@@ -165,14 +164,9 @@ impl Loop {
     }
 
     fn timer_due(&self) -> bool {
-        let clock = if self.monotonic {
-            libc::CLOCK_MONOTONIC
-        } else {
-            libc::CLOCK_REALTIME
-        };
         // SAFETY: ngx_event_timer_rbtree is nginx's timer tree, changed
         // only by the event loop, whose thread is running this call.
-        unsafe { timer_due(self.timers.as_ptr(), msec(clock)) }
+        unsafe { timer_due(self.timers.as_ptr(), msec(self.monotonic)) }
     }
 }
 

@@ -309,13 +309,32 @@ pub unsafe extern "C" fn resty_counter_flusher_write(
     key_len: usize,
     delta: f64,
 ) -> i32 {
+    // SAFETY: the caller's guarantees, passed on.
+    unsafe { write_with(h, key, key_len, delta, Flusher::add) }
+}
+
+/// A flusher's write: [`Flusher::add`] or [`Flusher::write_through`].
+type WriteFn = fn(&mut Flusher<ShDict>, &[u8], f64) -> Result<Outcome, Rejected>;
+
+/// The body of the two write exports: `write` on the handle's flusher,
+/// its outcome or refusal as a code.
+///
+/// # Safety
+/// As for [`resty_counter_flusher_write`].
+unsafe fn write_with(
+    h: *mut FlusherHandle,
+    key: *const u8,
+    key_len: usize,
+    delta: f64,
+    write: WriteFn,
+) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call; the
         // caller guarantees key_len readable bytes at key.
         let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
             return RC_NULL;
         };
-        match h.flusher.add(key, delta) {
+        match write(&mut h.flusher, key, delta) {
             Ok(o) => outcome_code(o),
             Err(Rejected::BadKey) => RC_BAD_KEY,
             Err(Rejected::BadDelta) => RC_BAD_DELTA,
@@ -420,18 +439,8 @@ pub unsafe extern "C" fn resty_counter_write_through(
     key_len: usize,
     delta: f64,
 ) -> i32 {
-    guard(RC_PANIC, || {
-        // SAFETY: h is NULL or live and not aliased during the call; the
-        // caller guarantees key_len readable bytes at key.
-        let Some((h, key)) = (unsafe { handle_and_key(h, key, key_len) }) else {
-            return RC_NULL;
-        };
-        match h.flusher.write_through(key, delta) {
-            Ok(o) => outcome_code(o),
-            Err(Rejected::BadKey) => RC_BAD_KEY,
-            Err(Rejected::BadDelta) => RC_BAD_DELTA,
-        }
-    })
+    // SAFETY: the caller's guarantees, passed on.
+    unsafe { write_with(h, key, key_len, delta, Flusher::write_through) }
 }
 
 /// `dict:incr(key, value, init)` on this handle's dict, the CRC-safe way
