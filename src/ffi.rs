@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -213,11 +213,18 @@ pub extern "C" fn resty_counter_clock() -> f64 {
     monotonic().map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Whether this worker's event loop has work waiting (`event_loop.rs`):
-/// 1 waiting, 0 nothing waits, -1 cannot tell. A sliced sync pauses
-/// between two slices unless this says 0.
+/// Ends a slice of a sync. First lets any other runnable process of this
+/// CPU run (`sched_yield(2)`, which returns at once when there is none):
+/// with more workers than cores, a worker's sync does not keep the CPU from
+/// another worker whose timers or requests are due. Then says whether this
+/// worker's event loop has work waiting (`event_loop.rs`): 1 waiting, 0
+/// nothing waits, -1 cannot tell. The shim pauses (`ngx.sleep`) unless it
+/// says 0.
 #[unsafe(no_mangle)]
-pub extern "C" fn resty_counter_loop_waiting() -> i32 {
+pub extern "C" fn resty_counter_slice_end() -> i32 {
+    // SAFETY: sched_yield takes no arguments; its result (always 0 on
+    // Linux) tells nothing to act on.
+    unsafe { libc::sched_yield() };
     guard(-1, || match crate::event_loop::waiting() {
         crate::event_loop::Waiting::Idle => 0,
         crate::event_loop::Waiting::Busy => 1,

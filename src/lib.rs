@@ -37,9 +37,10 @@
 //!    moves to `self.draining`, a spare table takes its place; skipped
 //!    while a drain is still under way, which goes on instead), then
 //!    `drain(self, SLICE_SECONDS, nil)`, which calls `pause` inside its
-//!    loop after each slice: `ngx.sleep(SLICE_PAUSE)` when
-//!    `resty_counter_loop_waiting` (`event_loop.rs`) finds work waiting for
-//!    the event loop, else nothing. A manual `c:sync()` runs
+//!    loop after each slice: `resty_counter_slice_end` (`ffi.rs`) lets
+//!    other runnable processes of the CPU run (`sched_yield`), then
+//!    `ngx.sleep(SLICE_PAUSE)` follows when it finds work waiting for the
+//!    event loop (`event_loop.rs`), else nothing. A manual `c:sync()` runs
 //!    `sync_yielding` (the same in slices, never through the stage) or, in
 //!    phases that cannot yield and at exit, `sync_now` (no budget).
 //! 4. `drain` calls `resty_counter_flusher_write` (`ffi.rs`) once per key,

@@ -14,7 +14,7 @@ local ipairs = ipairs
 
 local _M = {}
 
-local ABI_VERSION = 12
+local ABI_VERSION = 13
 local LIB_NAME = "libresty_counter"
 
 -- Codes of src/ffi.rs and src/ffi_stage.rs the shim tells apart, by the
@@ -71,7 +71,7 @@ uint32_t resty_counter_abi_version(void);
 const char *resty_counter_version(void);
 const char *resty_counter_strerror(int32_t code);
 double resty_counter_clock(void);
-int32_t resty_counter_loop_waiting(void);
+int32_t resty_counter_slice_end(void);
 resty_counter_flusher *resty_counter_flusher_new(const unsigned char *subsystem,
     size_t subsystem_len, void *zone_udata, int32_t *err);
 void resty_counter_flusher_free(resty_counter_flusher *h);

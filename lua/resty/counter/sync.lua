@@ -108,13 +108,15 @@ local function publish_batch(self, m, st)
     end
 end
 
--- The pause between two slices of a sync: ngx.sleep(SLICE_PAUSE), but
--- only while the event loop has work waiting (an I/O event, a timer due,
--- a posted event: src/event_loop.rs); with nothing waiting the next slice
--- runs at once, as an idle worker's pause would only cost CPU (an idle
--- millisecond, then cold caches).
+-- The end of a slice of a sync: other runnable processes of this CPU get
+-- it for a moment (sched_yield: other workers, when there are more than
+-- cores), then ngx.sleep(SLICE_PAUSE), but only while the event loop has
+-- work waiting (an I/O event, a timer due, a posted event:
+-- src/event_loop.rs); with nothing waiting the next slice runs at once, as
+-- an idle worker's pause would only cost CPU (an idle millisecond, then
+-- cold caches).
 local function pause()
-    if lib.resty_counter_loop_waiting() ~= 0 then
+    if lib.resty_counter_slice_end() ~= 0 then
         ngx.sleep(SLICE_PAUSE)
     end
 end
