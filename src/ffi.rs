@@ -190,6 +190,8 @@ fn other_message(code: i32) -> &'static std::ffi::CStr {
     if let Some(m) = crate::ffi_stage::attach_message(code) {
         return m;
     }
+    #[cfg(loom)]
+    let _ = code; // under loom there is no stage FFI (ffi_stage.rs)
     c"unknown code"
 }
 
