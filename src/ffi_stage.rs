@@ -104,7 +104,7 @@ pub(crate) fn attach_message(code: i32) -> Option<&'static CStr> {
 /// Finds or makes, in the stage zone `stage_udata` (`dict[1]` of the
 /// `lua_shared_dict` named `stage_name`), the region of the dict the
 /// flusher `f` writes into, and registers this worker in it. A region made
-/// now takes `stage_bytes` bytes of the stage zone (0: twice the dict's
+/// now takes `stage_bytes` bytes of the stage zone (0: half the dict's
 /// size; see `zone::stage_bytes_for`), less when the zone has less room;
 /// an existing one is joined whatever its size.
 ///
