@@ -112,6 +112,20 @@ fn msec(monotonic: bool) -> usize {
     d.map_or(0, |d| d.as_millis() as usize)
 }
 
+/// Which clock a value of `ngx_current_msec` counts: Some(true) the
+/// monotonic one, Some(false) the wall clock, None when it is within an
+/// hour of neither (then the loop is not inspected).
+fn clock_of(current_msec: usize) -> Option<bool> {
+    let near = |monotonic| msec(monotonic).abs_diff(current_msec) < 3_600_000;
+    if near(true) {
+        Some(true)
+    } else if near(false) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// The epoll instances among this process's open files.
 fn epoll_fds() -> Vec<libc::c_int> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
@@ -149,12 +163,7 @@ impl Loop {
         }
         // SAFETY: ngx_current_msec is nginx's ngx_msec_t (a uintptr_t)
         // global, read on the event loop's own thread.
-        let now = unsafe { current_msec.as_ptr().read_volatile() };
-        let near = |monotonic| msec(monotonic).abs_diff(now) < 3_600_000;
-        let monotonic = near(true);
-        if !monotonic && !near(false) {
-            return None;
-        }
+        let monotonic = clock_of(unsafe { current_msec.as_ptr().read_volatile() })?;
         Some(Loop {
             timers,
             monotonic,
@@ -372,6 +381,17 @@ mod tests {
             libc::close(ep);
         }
         assert_eq!(io_ready(&[ep]), None, "a closed descriptor");
+    }
+
+    #[test]
+    fn the_clock_of_ngx_current_msec_is_told_from_its_value() {
+        // nginx 1.19.x and later: monotonic milliseconds, a little stale.
+        assert_eq!(clock_of(msec(true) - 5), Some(true));
+        // Older nginx: wall-clock milliseconds.
+        assert_eq!(clock_of(msec(false) - 5), Some(false));
+        // Neither: the loop is not inspected (every slice then pauses).
+        assert_eq!(clock_of(msec(false) / 2), None);
+        assert_eq!(clock_of(msec(true) + 7_200_000), None);
     }
 
     #[test]
