@@ -276,12 +276,7 @@ impl<D: Dict> Flusher<D> {
 
     /// Hands one delta over and writes it into the dict.
     pub fn add(&mut self, key: &[u8], delta: f64) -> Result<Outcome, Rejected> {
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(Rejected::BadKey);
-        }
-        if !delta.is_finite() {
-            return Err(Rejected::BadDelta);
-        }
+        check(key, delta)?;
         // The common case: nothing pending, so no lookup at all.
         if self.pending.is_empty() {
             return Ok(self.write_new(key, delta));
@@ -317,12 +312,7 @@ impl<D: Dict> Flusher<D> {
     /// `keys_flushed` (and `evictions`). The sync's state and result are
     /// not touched: the shim adds each drop to the error metric itself.
     pub fn write_through(&mut self, key: &[u8], delta: f64) -> Result<Outcome, Rejected> {
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(Rejected::BadKey);
-        }
-        if !delta.is_finite() {
-            return Err(Rejected::BadDelta);
-        }
+        check(key, delta)?;
         match self.dict.incr(key, delta) {
             Ok(w) => {
                 self.stats.keys_flushed += 1;
@@ -505,6 +495,18 @@ impl<D: Dict> Flusher<D> {
             self.pending.shrink_to(64);
         }
     }
+}
+
+/// What `add` and `write_through` refuse before touching anything: a key
+/// of 0 or more than `MAX_KEY_LEN` bytes, a delta that is not finite.
+fn check(key: &[u8], delta: f64) -> Result<(), Rejected> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(Rejected::BadKey);
+    }
+    if !delta.is_finite() {
+        return Err(Rejected::BadDelta);
+    }
+    Ok(())
 }
 
 fn entry_cost(key: &[u8]) -> usize {
