@@ -78,7 +78,8 @@ struct Loop {
     /// Whether `ngx_current_msec` counts monotonic milliseconds.
     monotonic: bool,
     posted: Vec<NonNull<Queue>>,
-    epolls: Vec<libc::c_int>,
+    /// One `pollfd` per epoll instance, made once and reused by each look.
+    polls: Vec<libc::pollfd>,
 }
 
 /// The look of process `pid` (0: none yet); `found` is None when it found
@@ -157,8 +158,8 @@ impl Loop {
                 posted.push(q.cast::<Queue>());
             }
         }
-        let epolls = epoll_fds();
-        if posted.is_empty() || epolls.is_empty() {
+        let polls = pollfds(&epoll_fds());
+        if posted.is_empty() || polls.is_empty() {
             return None;
         }
         // SAFETY: ngx_current_msec is nginx's ngx_msec_t (a uintptr_t)
@@ -168,7 +169,7 @@ impl Loop {
             timers,
             monotonic,
             posted,
-            epolls,
+            polls,
         })
     }
 
@@ -210,25 +211,31 @@ fn any_posted(queues: &[NonNull<Queue>]) -> bool {
     })
 }
 
-/// Whether one of the epoll instances `fds` has an event ready, by
+/// Whether one of the epoll instances of `polls` has an event ready, by
 /// `poll(2)` on it, which leaves the event for `epoll_wait`; None when one
 /// of them is not an open descriptor.
-fn io_ready(fds: &[libc::c_int]) -> Option<bool> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+fn io_ready(polls: &mut [libc::pollfd]) -> Option<bool> {
+    for p in polls.iter_mut() {
+        p.revents = 0;
+    }
     // SAFETY: poll reads and writes `polls.len()` pollfd structs of a live
-    // Vec; timeout 0 never blocks.
+    // slice; timeout 0 never blocks.
     let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
     if n < 0 || polls.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
         return None;
     }
     Some(polls.iter().any(|p| p.revents & libc::POLLIN != 0))
+}
+
+/// A `pollfd` asking for readability, per descriptor of `fds`.
+fn pollfds(fds: &[libc::c_int]) -> Vec<libc::pollfd> {
+    fds.iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect()
 }
 
 /// Whether the event loop of this worker has work waiting (see the module
@@ -240,13 +247,13 @@ pub fn waiting() -> Waiting {
         cache.pid = pid;
         cache.found = Loop::find();
     }
-    let Some(l) = cache.found.as_ref() else {
+    let Some(l) = cache.found.as_mut() else {
         return Waiting::Unknown;
     };
     if any_posted(&l.posted) || l.timer_due() {
         return Waiting::Busy;
     }
-    match io_ready(&l.epolls) {
+    match io_ready(&mut l.polls) {
         Some(true) => Waiting::Busy,
         Some(false) => Waiting::Idle,
         None => {
@@ -362,25 +369,25 @@ mod tests {
     #[test]
     fn a_ready_event_is_seen_and_left_for_epoll_wait() {
         let (ep, pipe) = epoll_on_pipe();
-        assert_eq!(io_ready(&[ep]), Some(false));
+        assert_eq!(io_ready(&mut pollfds(&[ep])), Some(false));
         // SAFETY: (test) one byte into the pipe made above.
         assert_eq!(unsafe { libc::write(pipe[1], b"x".as_ptr().cast(), 1) }, 1);
-        assert_eq!(io_ready(&[ep]), Some(true));
-        assert_eq!(io_ready(&[ep]), Some(true), "looking twice");
+        assert_eq!(io_ready(&mut pollfds(&[ep])), Some(true));
+        assert_eq!(io_ready(&mut pollfds(&[ep])), Some(true), "looking twice");
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
         // SAFETY: (test) epoll_wait writes at most 4 events into `evs`.
         let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 0) };
         assert_eq!(n, 1, "the looks took the event away from epoll_wait");
         assert_eq!({ evs[0].u64 }, 7);
         // Edge-triggered: once epoll_wait reported it, nothing is ready.
-        assert_eq!(io_ready(&[ep]), Some(false));
+        assert_eq!(io_ready(&mut pollfds(&[ep])), Some(false));
         // SAFETY: (test) closing the descriptors made above.
         unsafe {
             libc::close(pipe[0]);
             libc::close(pipe[1]);
             libc::close(ep);
         }
-        assert_eq!(io_ready(&[ep]), None, "a closed descriptor");
+        assert_eq!(io_ready(&mut pollfds(&[ep])), None, "a closed descriptor");
     }
 
     #[test]
