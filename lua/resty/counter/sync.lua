@@ -121,6 +121,14 @@ local function pause()
     end
 end
 
+-- Retries the deltas pending from earlier syncs, a slice per call, with a
+-- pause between, until none is left untried in this sync.
+local function retry_sliced(self)
+    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
+        pause()
+    end
+end
+
 -- Hands the drained buffer over: into the stage `st` if given, BATCH keys
 -- per call (a key it refuses, full or too long, is written directly), else
 -- straight into the dict, key by key (handing the direct writes over in
@@ -353,9 +361,7 @@ local YIELDING_PHASES = {
     preread = true,
 }
 local function sync_yielding(self)
-    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
-        pause()
-    end
+    retry_sliced(self)
     -- A drain left under way, then this worker's buffer as of now.
     local swapped = false
     repeat
@@ -373,9 +379,7 @@ end
 -- them when the event loop has work waiting, so thousands of keys never
 -- stall the event loop.
 local function sync_sliced(self)
-    while lib.resty_counter_flusher_retry(self.handle, SLICE_SECONDS) > 0 do
-        pause()
-    end
+    retry_sliced(self)
     if not self.draining then
         swap(self)
     end
