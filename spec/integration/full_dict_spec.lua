@@ -50,24 +50,8 @@ local SERVER = [[
   # slab pages.
   location = /fill {
     content_by_lua_block {
-      local d = ngx.shared[ngx.var.arg_d]
-      local names = {}
-      while true do
-        local k = ("f%06d"):format(#names + 1)
-        if not d:safe_set(k, 0) then
-          break
-        end
-        names[#names + 1] = k
-      end
-      math.randomseed(7)
-      for i = #names, 2, -1 do
-        local j = math.random(i)
-        names[i], names[j] = names[j], names[i]
-      end
-      for _, k in ipairs(names) do
-        d:get(k)
-      end
-      ngx.say(#names)
+      local fill = require("spec.support.fill")
+      ngx.say(fill.small(ngx.shared[ngx.var.arg_d]))
     }
   }
   # Fills dict d with 3000-byte keys until it is full: each takes a page,

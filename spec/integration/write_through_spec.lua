@@ -26,22 +26,7 @@ local DROP = [[
       d:flush_all()
       d:flush_expired()
       assert(d:set("errors", 0))
-      local names = {}
-      while true do
-        local k = ("f%06d"):format(#names + 1)
-        if not d:safe_set(k, 0) then
-          break
-        end
-        names[#names + 1] = k
-      end
-      math.randomseed(7)
-      for i = #names, 2, -1 do
-        local j = math.random(i)
-        names[i], names[j] = names[j], names[i]
-      end
-      for _, k in ipairs(names) do
-        d:get(k)
-      end
+      require("spec.support.fill").small(d)
       d:get("errors")
       local c = require("resty.counter").new("full", nil, "errors")
       local before = c:stats()
