@@ -6,7 +6,7 @@
 -- file by file: src/lib.rs. The rest of the shim, under resty/counter/:
 --   abi.lua     the ABI (the ffi.cdef block), loading the library, the
 --               cdata buffers, whether a dict is flushed natively
---   sync.lua    the sync driver: swap, drain, publish, fold, end; slices
+--   sync.lua    the sync driver: drain in place, publish, fold, end; slices
 --   timer.lua   the timer, the exit flush, the master's write-through
 --   stage.lua   attaching a dict to its shared stage
 --   log.lua     what syncs log, bounded per worker and minute
@@ -268,8 +268,7 @@ end
 function _M.stats(self)
     local s = {
         mode = self.native and "native" or "lua",
-        buffered_keys = nkeys(self.buf)
-            + (self.draining and nkeys(self.draining) or 0),
+        buffered_keys = nkeys(self.buf),
         sync_interval = self.interval,
         slice_pause = sync.SLICE_PAUSE,
     }

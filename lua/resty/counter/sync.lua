@@ -1,6 +1,6 @@
 -- resty.counter.sync: the sync driver. At each sync this worker's buffer
--- is swapped for a fresh one and drained into the library (straight into
--- the dict, or published into the shared stage in batches), the stage is
+-- is drained in place into the library (straight into the dict, or
+-- published into the shared stage in batches), the stage is
 -- folded, and the sync is ended in Rust, which decides its result. The
 -- automatic sync and a sync() that may yield run in slices with a pause
 -- between; a sync that cannot yield runs at once. The timer that drives
@@ -8,13 +8,11 @@
 
 local ngx = ngx
 local tostring = tostring
-local next = next
 local pairs = pairs
 
 local abi = require("resty.counter.abi")
 local stage = require("resty.counter.stage")
 local log = require("resty.counter.log")
-local pure = require("resty.counter.pure")
 
 local _M = {}
 
@@ -26,7 +24,8 @@ local SLICE_SECONDS = 0.00025 -- work per slice of a sync
 -- logs a WARN each time. 1 ms lets the event loop run there too.
 local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32 -- keys between two looks at the clock
-local KEEP_SPARE_MAX = 16384 -- larger buffers are recycled only if steady
+local KEEP_MAX = 16384 -- larger buffers are kept only if steady
+local FINISH_PASSES = 4 -- sync() that may yield: passes before one at once
 local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 
@@ -51,7 +50,6 @@ local stage_of, leave_stage, full_once =
     stage.stage_of, stage.leave_stage, stage.full_once
 local report = log.report
 local fold_lines, sync_lines = log.fold_lines, log.sync_lines
-local clear_tab = pure.clear_tab
 
 local lib, end_out, fold_out -- once the library is loaded
 local batch_keys, batch_lens, batch_deltas, batch_rcs
@@ -68,10 +66,9 @@ local batch_strs = {} -- the same keys as Lua strings, for the fallback
 ---------------------------------------------------------------------------
 -- Publishes the first m pairs of the batch arrays in one call; writes the
 -- ones the stage refuses (full, too long) directly. Once all m are
--- handed over, self.cursor moves past them, then the outcomes are
--- reported: a sync that raises while reporting does not hand them over
--- twice when the next one goes on.
-local function publish_batch(self, m, st)
+-- handed over they leave the buffer t, then the outcomes are reported: a
+-- sync that raises while reporting does not hand them over twice.
+local function publish_batch(self, t, m, st)
     local staged = lib.resty_counter_stage_publish_batch(
         st,
         batch_keys,
@@ -82,7 +79,9 @@ local function publish_batch(self, m, st)
     )
     if staged == m then
         self.published = self.published + m
-        self.cursor = batch_strs[m - 1]
+        for i = 0, m - 1 do
+            t[batch_strs[i]] = nil
+        end
         return
     end
     local add, h = lib.resty_counter_flusher_write, self.handle
@@ -99,7 +98,9 @@ local function publish_batch(self, m, st)
             batch_rcs[i] = add(h, key, #key, batch_deltas[i])
         end
     end
-    self.cursor = batch_strs[m - 1]
+    for i = 0, m - 1 do
+        t[batch_strs[i]] = nil
+    end
     for i = 0, m - 1 do
         local rc = batch_rcs[i]
         if rc ~= RC_STORED then
@@ -129,44 +130,47 @@ local function retry_sliced(self)
     end
 end
 
--- Hands the drained buffer over: into the stage `st` if given, BATCH keys
--- per call (a key it refuses, full or too long, is written directly), else
--- straight into the dict, key by key (handing the direct writes over in
--- batches measured no faster: the dict's own write is the cost). With a
--- budget, pauses after about that many seconds of work, inside the loop:
--- LuaJIT compiles a pairs() loop as such only while every run of that loop
--- starts from the table's first key, so the loop goes on where it paused
--- instead of starting again from a key (that made this loop call next()
--- per key, a hash lookup each, in every later drain). self.cursor is the
--- last key handed over, set before anything that may raise. Returns once
--- the buffer is done (self.draining is nil), or when another sync took the
--- drain over during a pause (a manual sync() that finishes it between two
--- slices of the automatic one): a drain that starts on a buffer another
--- left under way goes on from self.cursor, with next(), so each key is
--- handed over once.
+-- One pass over the buffer, in place: each key is handed over into the
+-- stage `st` if given, BATCH keys per call (a key it refuses, full or too
+-- long, is written directly), else straight into the dict, key by key
+-- (handing the direct writes over in batches measured no faster: the
+-- dict's own write is the cost), and leaves the buffer once handed over.
+-- The buffer stays the table increments go into, as in the original: a
+-- second table swapped in at each sync made the next interval's
+-- increments go into a cold hash part, and cost more than the original's
+-- CPU with one or two workers (docs/DESIGN.md). With a budget the pass pauses after about that many
+-- seconds of work, inside the loop. Code that runs during a pause may
+-- increment the buffer: a key already handed over waits for the next
+-- sync, one not yet reached is handed over with its whole sum, so each
+-- increment is handed over once, whichever pass reaches it (the
+-- automatic sync's and a sync() that came in during its pause walk the
+-- same table). A new key may make the table grow (a rehash), and then
+-- the pass can miss keys: they stay buffered, for the next pass.
+-- Returns the keys handed over and whether the pass paused.
 local function drain(self, budget, st)
-    local t, from = self.draining, self.cursor
-    local turn = (self.drain_turn or 0) + 1
-    self.drain_turn = turn
+    local t = self.buf
     local h, add = self.handle, lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local n, m = 0, 0
-    -- One key; false once another drain has taken over during a pause.
-    local function hand(key, delta)
+    local n, m, paused = 0, 0, false
+    -- Every pass starts from the table's first key: LuaJIT compiles a
+    -- pairs() loop as such only while every run of it does (one run that
+    -- started from a key made that loop call next() per key, a hash
+    -- lookup each, in every later drain).
+    for key, delta in pairs(t) do
         if st then
-            -- A Lua string converts to a pointer into itself; `t` keeps
-            -- every key alive until the batch is published.
+            -- A Lua string converts to a pointer into itself; batch_strs
+            -- keeps every key alive until the batch is published.
             batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
             batch_strs[m] = key
             m = m + 1
             if m == BATCH then
-                publish_batch(self, m, st)
+                publish_batch(self, t, m, st)
                 m = 0
             end
         else
             local rc = add(h, key, #key, delta)
-            self.cursor = key
+            t[key] = nil
             if rc ~= RC_STORED then
                 report(self, key, rc)
             end
@@ -174,55 +178,35 @@ local function drain(self, budget, st)
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
             if m > 0 then
-                publish_batch(self, m, st)
+                publish_batch(self, t, m, st)
                 m = 0
             end
             pause()
+            paused = true
             deadline = clock() + budget
-            return self.drain_turn == turn
-        end
-        return true
-    end
-    if from == nil then
-        for key, delta in pairs(t) do
-            if not hand(key, delta) then
-                return
-            end
-        end
-    else
-        for key, delta in next, t, from do
-            if not hand(key, delta) then
-                return
-            end
         end
     end
     if m > 0 then
-        publish_batch(self, m, st)
+        publish_batch(self, t, m, st)
     end
-    self.draining, self.cursor = nil, nil
-    -- Recycle the buffer unless it was a burst: a fresh table regrows by
-    -- rehashing, a multi-millisecond step on the request path when every
-    -- interval dirties ~100k keys. A big buffer after a burst (more than
-    -- twice the keys of the drain before) is freed instead.
-    local prev = self.last_drained or 0
-    self.last_drained = n
-    if n <= KEEP_SPARE_MAX or n <= 2 * prev then
-        clear_tab(t)
-        self.spare = t
-    end
+    return n, paused
 end
 
--- Moves the live buffer aside for draining; increments go to a fresh one.
-local function swap(self)
-    local t = self.buf
-    if next(t) == nil then
-        return false
+-- The end of a sync's drain. The handed-over keys stay in the buffer as
+-- dead entries, so the next interval's increments find their slots
+-- without growing the table. A burst (more than KEEP_MAX keys and more
+-- than twice the keys of the drain before) is not kept: what the pauses
+-- left in it moves to a fresh table and the big one goes to the GC.
+local function drained(self, n)
+    local prev = self.last_drained or 0
+    self.last_drained = n
+    if n > KEEP_MAX and n > 2 * prev then
+        local fresh = {}
+        for key, delta in pairs(self.buf) do
+            fresh[key] = delta
+        end
+        self.buf = fresh
     end
-    local fresh = self.spare or {}
-    self.spare = nil
-    self.buf = fresh
-    self.draining, self.cursor = t, nil
-    return true
 end
 
 -- Logs what one fold call failed to write or evicted.
@@ -332,12 +316,7 @@ end
 -- exiting worker then leaves the stage.
 local function sync_now(self)
     lib.resty_counter_flusher_retry(self.handle, 0)
-    if self.draining then
-        drain(self, nil, nil)
-    end
-    if swap(self) then
-        drain(self, nil, nil)
-    end
+    drained(self, (drain(self, nil, nil)))
     if stage_of(self) then
         fold_whole(self)
         if ngx.worker.exiting() then
@@ -350,9 +329,11 @@ end
 -- sync_now does, in slices of about SLICE_SECONDS with a pause between, so
 -- that a collector's sync before each scrape never stalls the worker. This
 -- worker's buffer goes into the dict directly, never through the stage, so
--- it is there when sync() returns; a drain the automatic sync left between
--- two of its slices is finished here (both go on from self.cursor, so each
--- key is handed over once). Then the whole stage is folded once.
+-- it is there when sync() returns: a pass that paused may have missed keys
+-- (see drain), so passes go on until one runs without a pause, and after
+-- FINISH_PASSES the last runs at once (it hands over only what the passes
+-- before left: keys incremented or missed meanwhile). Then the whole stage
+-- is folded once.
 local YIELDING_PHASES = {
     rewrite = true,
     access = true,
@@ -362,14 +343,14 @@ local YIELDING_PHASES = {
 }
 local function sync_yielding(self)
     retry_sliced(self)
-    -- A drain left under way, then this worker's buffer as of now.
-    local swapped = false
+    local total, passes = 0, 0
     repeat
-        while self.draining do
-            drain(self, SLICE_SECONDS)
-        end
-        swapped = not swapped and swap(self)
-    until not swapped
+        passes = passes + 1
+        local budget = passes <= FINISH_PASSES and SLICE_SECONDS or nil
+        local n, paused = drain(self, budget)
+        total = total + n
+    until not paused
+    drained(self, total)
     if stage_of(self) then
         fold_sliced(self, 2)
     end
@@ -377,20 +358,10 @@ end
 
 -- The automatic sync: slices of about SLICE_SECONDS with a pause between
 -- them when the event loop has work waiting, so thousands of keys never
--- stall the event loop.
+-- stall the event loop. One pass: what it misses waits for the next sync.
 local function sync_sliced(self)
     retry_sliced(self)
-    if not self.draining then
-        swap(self)
-    end
-    -- A manual sync() may finish the drain between two slices: sync_now at
-    -- once, sync_yielding in slices of its own; both go on from
-    -- self.cursor, so each key is handed over once, and draining is nil
-    -- when the drain is done, whoever finished it.
-    stage_of(self)
-    while self.draining do
-        drain(self, SLICE_SECONDS, self.stage)
-    end
+    drained(self, (drain(self, SLICE_SECONDS, stage_of(self) or nil)))
     fold_sliced(self)
 end
 
