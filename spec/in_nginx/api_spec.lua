@@ -667,6 +667,52 @@ describe("resty.counter in nginx", function()
     )
 
     it(
+        "a burst's automatic sync keeps what came in during its pauses",
+        function()
+            -- 40,000 keys at the first sync: a burst, whose big table goes
+            -- to the GC at the drain's end. Increments made between two of
+            -- its slices to keys it already handed over must move with the
+            -- buffer to the fresh table.
+            local bc = counter.new("burst", 0.05, nil, { stage = false })
+            local K = 40000
+            for i = 1, K do
+                bc:incr("b" .. i, 1)
+            end
+            local flushed = 0
+            for _ = 1, 5000 do
+                ngx.sleep(0.001)
+                flushed = bc:stats().keys_flushed or 0
+                if flushed > 0 then
+                    break
+                end
+            end
+            assert.is_true(
+                flushed > 0 and flushed < K,
+                "not between two slices: " .. flushed .. " keys written"
+            )
+            for i = 1, K do
+                bc:incr("b" .. i, 1)
+            end
+            local bd = ngx.shared.burst
+            local wrong
+            for _ = 1, 100 do
+                ngx.sleep(0.05)
+                wrong = 0
+                for i = 1, K do
+                    if bd:get("b" .. i) ~= 2 then
+                        wrong = wrong + 1
+                    end
+                end
+                if wrong == 0 then
+                    break
+                end
+            end
+            assert.equal(0, wrong, "keys not at 2")
+            assert.equal(0, bc:stats().buffered_keys)
+        end
+    )
+
+    it(
         "a sync drains the buffer in place: increments go into one table, "
             .. "sync after sync",
         function()
