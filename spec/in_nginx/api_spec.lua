@@ -622,6 +622,25 @@ describe("resty.counter in nginx", function()
         end
     )
 
+    -- Waits until the automatic sync of counter `ac` (K keys buffered) is
+    -- between two of its slices: this handler's 1 ms sleeps are timers
+    -- falling due, so the sync pauses after each slice, and this handler
+    -- runs between two of them.
+    local function between_slices(ac, K)
+        local flushed = 0
+        for _ = 1, 5000 do
+            ngx.sleep(0.001)
+            flushed = ac:stats().keys_flushed or 0
+            if flushed > 0 then
+                break
+            end
+        end
+        assert.is_true(
+            flushed > 0 and flushed < K,
+            "not between two slices: " .. flushed .. " keys written"
+        )
+    end
+
     it(
         "a sync() that takes over the automatic sync's drain between two "
             .. "of its slices hands each key over once",
@@ -631,21 +650,7 @@ describe("resty.counter in nginx", function()
             for i = 1, K do
                 tc:incr("t" .. i, 1)
             end
-            -- This handler's 1 ms sleeps are timers falling due: the
-            -- automatic sync pauses after each slice, and this handler
-            -- runs between two of them.
-            local flushed = 0
-            for _ = 1, 5000 do
-                ngx.sleep(0.001)
-                flushed = tc:stats().keys_flushed or 0
-                if flushed > 0 then
-                    break
-                end
-            end
-            assert.is_true(
-                flushed > 0 and flushed < K,
-                "not between two slices: " .. flushed .. " keys written"
-            )
+            between_slices(tc, K)
             assert.is_true(tc:sync())
             local td = ngx.shared.takeover
             local wrong = 0
@@ -678,18 +683,7 @@ describe("resty.counter in nginx", function()
             for i = 1, K do
                 bc:incr("b" .. i, 1)
             end
-            local flushed = 0
-            for _ = 1, 5000 do
-                ngx.sleep(0.001)
-                flushed = bc:stats().keys_flushed or 0
-                if flushed > 0 then
-                    break
-                end
-            end
-            assert.is_true(
-                flushed > 0 and flushed < K,
-                "not between two slices: " .. flushed .. " keys written"
-            )
+            between_slices(bc, K)
             for i = 1, K do
                 bc:incr("b" .. i, 1)
             end
