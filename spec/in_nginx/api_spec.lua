@@ -18,6 +18,18 @@ local function error_log_size()
     return size
 end
 
+-- How many of the keys prefix..1 to prefix..k of dict `d` do not hold
+-- `want` (nil: each key its own index i).
+local function not_at(d, prefix, k, want)
+    local n = 0
+    for i = 1, k do
+        if d:get(prefix .. i) ~= (want or i) then
+            n = n + 1
+        end
+    end
+    return n
+end
+
 local function count(text, plain)
     local n, from = 0, 1
     while true do
@@ -542,13 +554,11 @@ describe("resty.counter in nginx", function()
             assert.is_true(c:sync())
             in_sync = false
             assert.is_true(seen, "the event loop never ran during sync()")
-            local wrong = 0
-            for i = 1, K do
-                if dict:get("y" .. i) ~= i then
-                    wrong = wrong + 1
-                end
-            end
-            assert.equal(0, wrong, "keys not in the dict when sync() returned")
+            assert.equal(
+                0,
+                not_at(dict, "y", K),
+                "keys not in the dict when sync() returned"
+            )
         end
     )
 
@@ -571,11 +581,7 @@ describe("resty.counter in nginx", function()
                 assert.is_true(c:sync())
                 if ngx.now() == before then
                     never_ran = true
-                    for i = 1, K do
-                        if dict:get("w" .. try .. "-" .. i) ~= 1 then
-                            wrong = wrong + 1
-                        end
-                    end
+                    wrong = not_at(dict, "w" .. try .. "-", K, 1)
                     break
                 end
             end
@@ -653,19 +659,10 @@ describe("resty.counter in nginx", function()
             between_slices(tc, K)
             assert.is_true(tc:sync())
             local td = ngx.shared.takeover
-            local wrong = 0
-            for i = 1, K do
-                if td:get("t" .. i) ~= 1 then
-                    wrong = wrong + 1
-                end
-            end
+            local wrong = not_at(td, "t", K, 1)
             -- The automatic sync's last slice may still run: let it end.
             ngx.sleep(0.2)
-            for i = 1, K do
-                if td:get("t" .. i) ~= 1 then
-                    wrong = wrong + 1
-                end
-            end
+            wrong = wrong + not_at(td, "t", K, 1)
             assert.equal(0, wrong, "keys not exactly 1")
             assert.equal(K, tc:stats().keys_flushed)
         end
@@ -691,12 +688,7 @@ describe("resty.counter in nginx", function()
             local wrong
             for _ = 1, 100 do
                 ngx.sleep(0.05)
-                wrong = 0
-                for i = 1, K do
-                    if bd:get("b" .. i) ~= 2 then
-                        wrong = wrong + 1
-                    end
-                end
+                wrong = not_at(bd, "b", K, 2)
                 if wrong == 0 then
                     break
                 end
@@ -754,13 +746,11 @@ describe("resty.counter in nginx", function()
             assert.is_true(c:sync())
             in_sync = false
             assert.is_true(grown > 0, "no keys came in during sync()")
-            local missed = 0
-            for i = 1, K do
-                if dict:get("g" .. i) ~= 1 then
-                    missed = missed + 1
-                end
-            end
-            assert.equal(0, missed, "keys not in the dict when sync() returned")
+            assert.equal(
+                0,
+                not_at(dict, "g", K, 1),
+                "keys not in the dict when sync() returned"
+            )
             -- What came in during the sync is written once, by now or next.
             assert.is_true(c:sync())
             for g = 1, grown do
