@@ -77,29 +77,30 @@ local function publish_batch(self, t, m, st)
         m,
         batch_rcs
     )
-    if staged == m then
+    local all = staged == m
+    if all then
         self.published = self.published + m
+    else
+        local add, h = lib.resty_counter_flusher_write, self.handle
         for i = 0, m - 1 do
-            t[batch_strs[i]] = nil
-        end
-        return
-    end
-    local add, h = lib.resty_counter_flusher_write, self.handle
-    for i = 0, m - 1 do
-        if staged >= 0 and batch_rcs[i] == STAGED then
-            self.published = self.published + 1
-            batch_rcs[i] = RC_STORED -- nothing to report
-        else
-            if staged >= 0 and batch_rcs[i] == STAGE_FULL then
-                full_once(self)
+            if staged >= 0 and batch_rcs[i] == STAGED then
+                self.published = self.published + 1
+                batch_rcs[i] = RC_STORED -- nothing to report
+            else
+                if staged >= 0 and batch_rcs[i] == STAGE_FULL then
+                    full_once(self)
+                end
+                local key = batch_strs[i]
+                self.fallback_writes = self.fallback_writes + 1
+                batch_rcs[i] = add(h, key, #key, batch_deltas[i])
             end
-            local key = batch_strs[i]
-            self.fallback_writes = self.fallback_writes + 1
-            batch_rcs[i] = add(h, key, #key, batch_deltas[i])
         end
     end
     for i = 0, m - 1 do
         t[batch_strs[i]] = nil
+    end
+    if all then
+        return
     end
     for i = 0, m - 1 do
         local rc = batch_rcs[i]
