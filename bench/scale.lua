@@ -4,13 +4,13 @@
 --
 --   luajit bench/scale.lua                    (from the repository root)
 --
--- Every worker dirties the same K keys once per second (an ngx.timer.every
--- of 1 s, half a second after the sync timers) and syncs every second. The
--- CPU of all workers is read from /proc/<pid>/schedstat over SCALE_SECS
--- after a warm-up; the "control" contender
--- runs the same loop over the keys without counting, and its CPU is
--- subtracted from the others'. Contenders are alternated round by round
--- (the order rotates) and the figures are medians over the rounds.
+-- Every worker dirties the same K keys once per second (an ngx.timer.every of
+-- 1 s, half a second after the sync timers) and syncs every second. The CPU of
+-- all workers is read from /proc/<pid>/schedstat over SCALE_SECS after a
+-- warm-up; the "control" contender runs the same loop over the keys without
+-- counting, and its CPU is subtracted from the others'. Contenders are
+-- alternated round by round (the order rotates) and the figures are medians
+-- over the rounds.
 --
 -- Contenders:
 --   control   the key loop alone

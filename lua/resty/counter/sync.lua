@@ -131,22 +131,21 @@ local function retry_sliced(self)
     end
 end
 
--- One pass over the buffer, in place: each key is handed over into the
--- stage `st` if given, BATCH keys per call (a key it refuses, full or too
--- long, is written directly), else straight into the dict, key by key
--- (handing the direct writes over in batches measured no faster: the
--- dict's own write is the cost), and leaves the buffer once handed over.
--- The buffer stays the table increments go into, as in the original: a
--- second table swapped in at each sync made the next interval's
--- increments go into a cold hash part, and cost more than the original's
--- CPU with one or two workers (docs/DESIGN.md). With a budget the pass pauses after about that many
--- seconds of work, inside the loop. Code that runs during a pause may
--- increment the buffer: a key already handed over waits for the next
--- sync, one not yet reached is handed over with its whole sum, so each
--- increment is handed over once, whichever pass reaches it (the
--- automatic sync's and a sync() that came in during its pause walk the
--- same table). A new key may make the table grow (a rehash), and then
--- the pass can miss keys: they stay buffered, for the next pass.
+-- One pass over the buffer, in place: each key is handed over into the stage
+-- `st` if given, BATCH keys per call (a key it refuses, full or too long, is
+-- written directly), else straight into the dict, key by key (handing the
+-- direct writes over in batches measured no faster: the dict's own write is
+-- the cost), and leaves the buffer once handed over. The buffer stays the
+-- table increments go into, as in the original: a second table swapped in at
+-- each sync made the next interval's increments go into a cold hash part, and
+-- cost more than the original's CPU with one or two workers (docs/DESIGN.md).
+-- With a budget the pass pauses after about that many seconds of work, inside
+-- the loop. Code that runs during a pause may increment the buffer: a key
+-- already handed over waits for the next sync, one not yet reached is handed
+-- over with its whole sum, so each increment is handed over once, whichever
+-- pass reaches it (the automatic sync's and a sync() that came in during its
+-- pause walk the same table). A new key may make the table grow (a rehash),
+-- and then the pass can miss keys: they stay buffered, for the next pass.
 -- Returns the keys handed over and whether the pass paused.
 local function drain(self, budget, st)
     local t = self.buf
