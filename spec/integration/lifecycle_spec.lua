@@ -35,12 +35,7 @@ end
 describe("#integration the automatic sync heals itself", function()
     local srv
 
-    after_each(function()
-        if srv then
-            srv:stop()
-            srv = nil
-        end
-    end)
+    after_each(nginx.stop_all)
 
     it(
         "keeps syncing when the application takes every freed pending-timer "

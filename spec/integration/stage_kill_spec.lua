@@ -97,12 +97,7 @@ end
 describe("#integration kill -9 with the shared stage", function()
     local srv
 
-    after_each(function()
-        if srv then
-            srv:stop()
-            srv = nil
-        end
-    end)
+    after_each(nginx.stop_all)
 
     it(
         "never counts twice and loses at most what killed workers buffered",

@@ -47,12 +47,7 @@ local SERVER = [[
 describe("the shared stage across nginx -s reload", function()
     local srv
 
-    after_each(function()
-        if srv then
-            srv:stop()
-            srv = nil
-        end
-    end)
+    after_each(nginx.stop_all)
 
     it("keeps its block and what the old workers published", function()
         srv = nginx.start({ workers = 2, http = HTTP, server = SERVER })

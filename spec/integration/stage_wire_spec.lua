@@ -146,12 +146,7 @@ end
 describe("#integration the shared stage in the sync", function()
     local srv
 
-    after_each(function()
-        if srv then
-            srv:stop()
-            srv = nil
-        end
-    end)
+    after_each(nginx.stop_all)
 
     it(
         "4 workers sharing K keys: exact counts, about K dict writes per "

@@ -103,12 +103,7 @@ local EXPORTER_SERVER = [[
 describe("#integration the stage's own zone", function()
     local srv
 
-    after_each(function()
-        if srv then
-            srv:stop()
-            srv = nil
-        end
-    end)
+    after_each(nginx.stop_all)
 
     it(
         "an exporter's scrape prints only valid Prometheus lines, one per "

@@ -75,12 +75,7 @@ describe(
     function()
         local srv
 
-        after_each(function()
-            if srv then
-                srv:stop()
-                srv = nil
-            end
-        end)
+        after_each(nginx.stop_all)
 
         it(
             "is dropped, counted in stats() and in the error metric, and logged "
