@@ -628,11 +628,16 @@ describe("resty.counter in nginx", function()
         end
     )
 
-    -- Waits until the automatic sync of counter `ac` (K keys buffered) is
+    -- A counter on dict `name` (synced every 50 ms, no stage) with the keys
+    -- prefix..1 to prefix..k at 1, returned once its automatic sync is
     -- between two of its slices: this handler's 1 ms sleeps are timers
     -- falling due, so the sync pauses after each slice, and this handler
     -- runs between two of them.
-    local function between_slices(ac, K)
+    local function mid_sync(name, prefix, k)
+        local ac = counter.new(name, 0.05, nil, { stage = false })
+        for i = 1, k do
+            ac:incr(prefix .. i, 1)
+        end
         local flushed = 0
         for _ = 1, 5000 do
             ngx.sleep(0.001)
@@ -642,21 +647,18 @@ describe("resty.counter in nginx", function()
             end
         end
         assert.is_true(
-            flushed > 0 and flushed < K,
+            flushed > 0 and flushed < k,
             "not between two slices: " .. flushed .. " keys written"
         )
+        return ac
     end
 
     it(
         "a sync() that takes over the automatic sync's drain between two "
             .. "of its slices hands each key over once",
         function()
-            local tc = counter.new("takeover", 0.05, nil, { stage = false })
             local K = 40000
-            for i = 1, K do
-                tc:incr("t" .. i, 1)
-            end
-            between_slices(tc, K)
+            local tc = mid_sync("takeover", "t", K)
             assert.is_true(tc:sync())
             local td = ngx.shared.takeover
             local wrong = not_at(td, "t", K, 1)
@@ -675,12 +677,8 @@ describe("resty.counter in nginx", function()
             -- to the GC at the drain's end. Increments made between two of
             -- its slices to keys it already handed over must move with the
             -- buffer to the fresh table.
-            local bc = counter.new("burst", 0.05, nil, { stage = false })
             local K = 40000
-            for i = 1, K do
-                bc:incr("b" .. i, 1)
-            end
-            between_slices(bc, K)
+            local bc = mid_sync("burst", "b", K)
             for i = 1, K do
                 bc:incr("b" .. i, 1)
             end
