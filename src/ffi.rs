@@ -17,7 +17,7 @@ use crate::shdict::{OpenError, ShDict};
 
 /// Bumped whenever a prototype or a code's meaning changes; the shim
 /// refuses a library whose version differs from its own.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 /// The delta reached the dict.
 pub const RC_STORED: i32 = 0;
@@ -54,6 +54,10 @@ pub const RC_BAD_ZONE: i32 = -5;
 pub const RC_PANIC: i32 = -6;
 /// Another worker holds the stage's fold lease (`resty_counter_stage_fold`).
 pub const RC_BUSY: i32 = -7;
+/// The stage reclaimed so many slots since a handle's slot refs began that
+/// a ref may name a slot reused under the same generation
+/// (`resty_counter_stage_publish_refs`): forget every ref.
+pub const RC_REFS_EXPIRED: i32 = -8;
 /// The stage's attach errors, `RC_ATTACH` down to `RC_BAD_STAGE`
 /// (`ffi_stage.rs`), one per kind of `zone::AttachError`.
 pub const RC_ATTACH: i32 = -20;
@@ -178,6 +182,7 @@ pub extern "C" fn resty_counter_strerror(code: i32) -> *const c_char {
         RC_BAD_ZONE => c"bad shared dict zone",
         RC_PANIC => c"internal error (caught panic)",
         RC_BUSY => c"another worker holds the fold lease",
+        RC_REFS_EXPIRED => c"the stage's slot refs expired",
         _ => other_message(code),
     };
     msg.as_ptr()
@@ -739,7 +744,7 @@ mod tests {
         // SAFETY: strerror returns a static NUL-terminated string.
         let unknown = unsafe { CStr::from_ptr(resty_counter_strerror(i32::MIN)) };
         let mut seen = std::collections::HashSet::new();
-        for code in RC_BUSY..=RC_DROPPED_NO_MEMORY {
+        for code in RC_REFS_EXPIRED..=RC_DROPPED_NO_MEMORY {
             // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(resty_counter_strerror(code)) };
             assert_ne!(msg, unknown, "code {code} falls to the catch-all");

@@ -12,10 +12,11 @@ use std::ffi::{CStr, c_void};
 use std::ptr;
 
 use crate::ffi::{
-    FlusherHandle, RC_ATTACH, RC_BUSY, RC_NULL, RC_PANIC, bytes, guard, handle_and_out,
+    FlusherHandle, RC_ATTACH, RC_BUSY, RC_NULL, RC_PANIC, RC_REFS_EXPIRED, bytes, guard,
+    handle_and_out,
 };
 use crate::flush::{Outcome, Rejected};
-use crate::stage::{Lease, Published, Stage, Worker};
+use crate::stage::{Lease, Published, REF_SPAN, Stage, Worker};
 use crate::zone::{AttachError, ZoneStage, alive, now_ms};
 
 /// Per pair of a publish: the delta is in the stage.
@@ -25,6 +26,9 @@ pub const STAGE_FULL: i32 = 1;
 /// Per pair of a publish: the key is longer than the stage takes, or NULL
 /// (write it directly).
 pub const STAGE_TOO_LONG: i32 = 2;
+/// Per pair of a publish by ref: the ref no longer names the key's slot
+/// (publish it by key).
+pub const STAGE_STALE: i32 = 3;
 
 const ATTACH_ERRORS: [AttachError; 12] = [
     AttachError::NoSlab,
@@ -80,6 +84,8 @@ pub struct StageHandle {
     cursor: usize,
     whole_cursor: Option<usize>,
     folded: u64,
+    /// The stage's reclaims when the refs this handle gave began.
+    refs_since: u64,
 }
 
 fn attach_code(e: AttachError) -> i32 {
@@ -152,11 +158,13 @@ pub unsafe extern "C" fn resty_counter_stage_attach(
             }
         };
         code = 0;
+        let refs_since = zs.stage.reclaims();
         Box::into_raw(Box::new(StageHandle {
             zs,
             cursor: 0,
             whole_cursor: None,
             folded: 0,
+            refs_since,
         }))
     });
     if !err.is_null() {
@@ -195,11 +203,14 @@ pub const BATCH_MAX: u32 = 4096;
 /// the slots of a group touched ahead): `keys[i]` of `lens[i]` bytes gets
 /// `deltas[i]`, and `rcs[i]` says what became of it (`STAGED`,
 /// `STAGE_FULL`, `STAGE_TOO_LONG` also for a NULL key: write those two
-/// directly). Returns how many were staged.
+/// directly). For a staged pair `refs[i]` is the ref of the key's slot, for
+/// [`resty_counter_stage_publish_refs`] (0 for the others). Returns how
+/// many were staged.
 ///
 /// # Safety
-/// `h` must be NULL or live; `keys`, `lens`, `deltas` and `rcs` must hold
-/// `n` elements; each `keys[i]` must point at `lens[i]` readable bytes.
+/// `h` must be NULL or live; `keys`, `lens`, `deltas`, `rcs` and `refs`
+/// must hold `n` elements; each `keys[i]` must point at `lens[i]` readable
+/// bytes.
 ///
 /// # Errors
 /// `RC_NULL` (a NULL handle or array, or `n > BATCH_MAX`), `RC_PANIC`.
@@ -211,23 +222,31 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
     deltas: *const f64,
     n: u32,
     rcs: *mut i32,
+    refs: *mut f64,
 ) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live, not aliased during the call.
         let Some(h) = (unsafe { h.as_mut() }) else {
             return RC_NULL;
         };
-        if keys.is_null() || lens.is_null() || deltas.is_null() || rcs.is_null() || n > BATCH_MAX {
+        if keys.is_null()
+            || lens.is_null()
+            || deltas.is_null()
+            || rcs.is_null()
+            || refs.is_null()
+            || n > BATCH_MAX
+        {
             return RC_NULL;
         }
         let n = n as usize;
         // SAFETY: the caller guarantees n elements in each array.
-        let (keys, lens, deltas, rcs) = unsafe {
+        let (keys, lens, deltas, rcs, refs) = unsafe {
             (
                 std::slice::from_raw_parts(keys, n),
                 std::slice::from_raw_parts(lens, n),
                 std::slice::from_raw_parts(deltas, n),
                 std::slice::from_raw_parts_mut(rcs, n),
+                std::slice::from_raw_parts_mut(refs, n),
             )
         };
         let items = (0..n).map(|i| {
@@ -238,14 +257,101 @@ pub unsafe extern "C" fn resty_counter_stage_publish_batch(
         });
         let mut i = 0usize;
         let mut staged = 0i32;
-        h.zs.stage.publish_many(h.zs.worker, items, |_, _, r| {
+        h.zs.stage
+            .publish_many(h.zs.worker, items, |_, _, r, slot_ref| {
+                rcs[i] = match r {
+                    Published::Staged => {
+                        staged += 1;
+                        STAGED
+                    }
+                    Published::Full => STAGE_FULL,
+                    Published::TooLong | Published::Stale => STAGE_TOO_LONG,
+                };
+                // Exact: a ref is below 2^53.
+                refs[i] = slot_ref as f64;
+                i += 1;
+            });
+        staged
+    })
+}
+
+/// Whether the refs a handle gave since the stage had reclaimed `*since`
+/// slots may be unsound now that it has reclaimed `now` (`REF_SPAN` or more
+/// since); if so, the refs begin again at `now`.
+fn refs_expired(since: &mut u64, now: u64) -> bool {
+    if now.wrapping_sub(*since) < REF_SPAN {
+        return false;
+    }
+    *since = now;
+    true
+}
+
+/// Adds `n` deltas into the stage by slot ref, in one pass: `refs[i]` is
+/// what [`resty_counter_stage_publish_batch`] said of an earlier publish of
+/// the same key, and `rcs[i]` says what became of `deltas[i]`: `STAGED`,
+/// `STAGE_FULL` (write it directly), or `STAGE_STALE`: the slot no longer
+/// holds that key, or `refs[i]` is not a ref; nothing was added: publish
+/// the pair by key and forget the ref. Returns how many were staged, or
+/// `RC_REFS_EXPIRED` when the stage has reclaimed `REF_SPAN` slots since
+/// this handle's refs began: nothing was added, every ref the caller holds
+/// must be forgotten (they may name a slot reused 2^21 times), and the
+/// refs the handle gives from now on are sound again.
+///
+/// # Safety
+/// `h` must be NULL or live; `refs`, `deltas` and `rcs` must hold `n`
+/// elements.
+///
+/// # Errors
+/// `RC_NULL` (a NULL handle or array, or `n > BATCH_MAX`), `RC_PANIC`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn resty_counter_stage_publish_refs(
+    h: *mut StageHandle,
+    refs: *const f64,
+    deltas: *const f64,
+    n: u32,
+    rcs: *mut i32,
+) -> i32 {
+    guard(RC_PANIC, || {
+        // SAFETY: h is NULL or live, not aliased during the call.
+        let Some(h) = (unsafe { h.as_mut() }) else {
+            return RC_NULL;
+        };
+        if refs.is_null() || deltas.is_null() || rcs.is_null() || n > BATCH_MAX {
+            return RC_NULL;
+        }
+        let n = n as usize;
+        // SAFETY: the caller guarantees n elements in each array.
+        let (refs, deltas, rcs) = unsafe {
+            (
+                std::slice::from_raw_parts(refs, n),
+                std::slice::from_raw_parts(deltas, n),
+                std::slice::from_raw_parts_mut(rcs, n),
+            )
+        };
+        if refs_expired(&mut h.refs_since, h.zs.stage.reclaims()) {
+            return RC_REFS_EXPIRED;
+        }
+        // A ref is a whole number below 2^53; anything else names no slot
+        // (ref_parts refuses 0 and slots out of range).
+        let items = (0..n).map(|i| {
+            let r = refs[i];
+            let slot_ref = if (1.0..9_007_199_254_740_992.0).contains(&r) {
+                r as u64
+            } else {
+                0
+            };
+            (slot_ref, deltas[i])
+        });
+        let mut i = 0usize;
+        let mut staged = 0i32;
+        h.zs.stage.publish_refs(h.zs.worker, items, |r| {
             rcs[i] = match r {
                 Published::Staged => {
                     staged += 1;
                     STAGED
                 }
                 Published::Full => STAGE_FULL,
-                Published::TooLong => STAGE_TOO_LONG,
+                Published::TooLong | Published::Stale => STAGE_STALE,
             };
             i += 1;
         });
@@ -471,6 +577,7 @@ mod tests {
             );
             assert_eq!(fold.written, 9.0, "nothing written");
             let (k, l, d, mut rc) = ([c"k".as_ptr().cast::<u8>()], [1usize], [1.0f64], [9i32]);
+            let mut refs = [9.0f64];
             assert_eq!(
                 resty_counter_stage_publish_batch(
                     ptr::null_mut(),
@@ -478,11 +585,22 @@ mod tests {
                     l.as_ptr(),
                     d.as_ptr(),
                     1,
+                    rc.as_mut_ptr(),
+                    refs.as_mut_ptr()
+                ),
+                RC_NULL
+            );
+            assert_eq!(
+                resty_counter_stage_publish_refs(
+                    ptr::null_mut(),
+                    refs.as_ptr(),
+                    d.as_ptr(),
+                    1,
                     rc.as_mut_ptr()
                 ),
                 RC_NULL
             );
-            assert_eq!(rc[0], 9, "nothing written");
+            assert_eq!((rc[0], refs[0]), (9, 9.0), "nothing written");
             let mut out = StageReport::default();
             assert_eq!(resty_counter_stage_info(ptr::null_mut(), &mut out), RC_NULL);
             assert_eq!(out, StageReport::default(), "nothing written");
@@ -493,6 +611,21 @@ mod tests {
     /// `transient` as `resty_counter_stage_attach` reports it for `e`.
     fn transient(e: AttachError) -> bool {
         e.is_transient()
+    }
+
+    #[test]
+    fn refs_expire_after_ref_span_reclaims_and_begin_again() {
+        let mut since = 100;
+        assert!(!refs_expired(&mut since, 100));
+        assert!(!refs_expired(&mut since, 100 + REF_SPAN - 1));
+        assert_eq!(since, 100);
+        assert!(refs_expired(&mut since, 100 + REF_SPAN));
+        assert_eq!(since, 100 + REF_SPAN, "begins again");
+        assert!(!refs_expired(&mut since, 100 + REF_SPAN + 1));
+        // The counter wraps: still measured as a distance.
+        let mut since = u64::MAX - 1;
+        assert!(!refs_expired(&mut since, 5));
+        assert!(refs_expired(&mut since, REF_SPAN));
     }
 
     #[test]

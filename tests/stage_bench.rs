@@ -69,7 +69,7 @@ fn measure(st: &Stage, pid: u32, keys: &[Vec<u8>], batch: bool) -> f64 {
     let t = Instant::now();
     for _ in 0..ROUNDS {
         if batch {
-            st.publish_many(w, keys.iter().map(|k| (&k[..], 1.0)), |_, _, _| {});
+            st.publish_many(w, keys.iter().map(|k| (&k[..], 1.0)), |_, _, _, _| {});
         } else {
             for k in keys {
                 std::hint::black_box(st.publish(w, k, 1.0));
@@ -163,7 +163,7 @@ fn fold_ns_per_slot() {
     let mut best = f64::MAX;
     let mut sum = 0.0;
     for _ in 0..ROUNDS {
-        st.publish_many(w, keys.iter().map(|k| (&k[..], 1.0)), |_, _, _| {});
+        st.publish_many(w, keys.iter().map(|k| (&k[..], 1.0)), |_, _, _, _| {});
         let mut cursor = 0;
         let t = Instant::now();
         let out = st.fold(w, &mut cursor, usize::MAX, &|_| true, |_, d| sum += d);

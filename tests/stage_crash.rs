@@ -115,6 +115,9 @@ fn child(sh: &Shared, incarnation: usize, seed: u64) -> ! {
     let mut rng = seed | 1;
     let mut cursor = 0usize;
     let mut iteration = 0u64;
+    // The slot refs of keys this child staged, as the shim keeps them: a
+    // key with a ref goes by ref, by key again once it is stale.
+    let mut refs = std::collections::HashMap::new();
     while sh.w(STOP).load(SeqCst) == 0 {
         iteration += 1;
         rng ^= rng << 13;
@@ -125,9 +128,22 @@ fn child(sh: &Shared, incarnation: usize, seed: u64) -> ! {
         let name = key(k);
         let at = incarnation * KEYS + k;
         sh.w(HANDED + at).fetch_add(1, SeqCst);
-        match st.publish(worker, &name, 1.0) {
+        let mut r = Published::Stale;
+        if let Some(&slot_ref) = refs.get(&k) {
+            st.publish_refs(worker, [(slot_ref, 1.0)], |x| r = x);
+        }
+        if r == Published::Stale {
+            refs.remove(&k);
+            st.publish_many(worker, [(&name[..], 1.0)], |_, _, x, slot_ref| {
+                r = x;
+                if x == Published::Staged {
+                    refs.insert(k, slot_ref);
+                }
+            });
+        }
+        match r {
             Published::Staged => {}
-            Published::Full | Published::TooLong => dict_add(sh, &name, 1.0),
+            Published::Full | Published::TooLong | Published::Stale => dict_add(sh, &name, 1.0),
         }
         sh.w(PUBLISHED + at).fetch_add(1, SeqCst);
         if iteration % 16 == 0

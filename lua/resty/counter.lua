@@ -286,6 +286,7 @@ function _M.stats(self)
         s.published = self.published
         s.folded = 0 -- deltas this worker folded (stage_info's my_folded)
         s.fallback_writes = self.fallback_writes
+        s.stage_refs = self.nrefs or 0
         if
             self.stage
             and lib.resty_counter_stage_info(self.stage, info_out) == 0

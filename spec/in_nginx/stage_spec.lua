@@ -210,6 +210,80 @@ describe("the shared stage in nginx", function()
         end
     )
 
+    it(
+        "a slot ref adds into its key's slot; another generation's adds nothing",
+        function()
+            local h = assert(stage.attach("stage"))
+            fold_all(h)
+            local key = "by-ref-" .. ngx.now() .. "-" .. ngx.worker.pid()
+            local rc, ref = stage.publish(h, key, 1)
+            assert.equal(0, rc)
+            assert.is_true(ref >= 1 and ref < 2 ^ 53 and ref % 1 == 0, ref)
+            assert.equal(0, stage.publish_ref(h, ref, 2))
+            -- The generation is the ref's low bits: one more is a later claim.
+            assert.equal(3, stage.publish_ref(h, ref + 1, 4))
+            for _, bad in ipairs({ 0, 0.5, -ref, 2 ^ 53, 1 / 0, 0 / 0 }) do
+                assert.equal(3, stage.publish_ref(h, bad, 8), tostring(bad))
+            end
+            assert.equal(3, stage.publish_ref(h, ref, 0 / 0), "a NaN delta")
+            fold_all(h)
+            assert.equal(3, dict:get(key))
+        end
+    )
+
+    it(
+        "an automatic sync publishes a key staged before by its slot's ref,"
+            .. " and one whose ref went stale by key, exactly",
+        function()
+            local counter = require("resty.counter")
+            local c = counter.new("stage", 0.05)
+            local prefix = "refs-"
+                .. ngx.now()
+                .. "-"
+                .. ngx.worker.pid()
+                .. "-"
+            local K = 600
+            local function interval(want)
+                local before = c:stats().published
+                for i = 1, K do
+                    c:incr(prefix .. i, 1)
+                end
+                local deadline = ngx.now() + 10
+                repeat
+                    ngx.sleep(0.01)
+                    ngx.update_time()
+                until c:stats().published >= before + K or ngx.now() > deadline
+                assert.equal(before + K, c:stats().published)
+                assert.is_true(c:sync()) -- folds the whole stage
+                local wrong = 0
+                for i = 1, K do
+                    if dict:get(prefix .. i) ~= want then
+                        wrong = wrong + 1
+                    end
+                end
+                assert.equal(0, wrong, "keys not at " .. want)
+                local n = 0
+                for _ in pairs(c.refs) do
+                    n = n + 1
+                end
+                return n
+            end
+            assert.is_true(c:stats().stage)
+            assert.equal(K, interval(1))
+            assert.equal(K, c:stats().stage_refs)
+            -- By ref: no key published again by key, so no ref made twice.
+            assert.equal(K, interval(2))
+            assert.equal(K, c:stats().stage_refs)
+            -- Every ref one generation on, as if each slot had been
+            -- retired and claimed again: all stale, all go by key.
+            for k, r in pairs(c.refs) do
+                c.refs[k] = r + 1
+            end
+            assert.equal(K, interval(3))
+            assert.equal(K, c:stats().stage_refs)
+        end
+    )
+
     it("c:sync() folds what any worker published before it returns", function()
         local counter = require("resty.counter")
         local h = assert(stage.attach("stage"))

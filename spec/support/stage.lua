@@ -7,7 +7,9 @@
 --                                            -- resty_counter_stage, or of
 --                                            -- the zone named second)
 --   stage.publish(h, key, delta)             -- 0 staged, 1 full, 2 too long
---                                            -- (a batch of one pair)
+--                                            -- (a batch of one pair), and
+--                                            -- the slot's ref when staged
+--   stage.publish_ref(h, ref, delta)         -- 0 staged, 1 full, 3 stale
 --   stage.fold(h, lease_ms)                  -- written count or negative code
 --                                            -- (folds through a flusher of
 --                                            -- the same dict, as a sync does)
@@ -48,6 +50,7 @@ local one_key = ffi.new("const unsigned char *[1]")
 local one_len = ffi.new("size_t[1]")
 local one_delta = ffi.new("double[1]")
 local one_rc = ffi.new("int32_t[1]")
+local one_ref = ffi.new("double[1]")
 -- Structs of the shim's cdef, once it is declared (by _M.lib).
 local attach_out, fold_out, info_out
 
@@ -114,7 +117,19 @@ end
 function _M.publish(h, key, delta)
     one_key[0], one_len[0], one_delta[0] = key, #key, delta
     local rc = _M.lib()
-        .resty_counter_stage_publish_batch(h, one_key, one_len, one_delta, 1, one_rc)
+        .resty_counter_stage_publish_batch(h, one_key, one_len, one_delta, 1, one_rc, one_ref)
+    if rc < 0 then
+        return rc
+    end
+    return one_rc[0], one_ref[0]
+end
+
+-- A batch of one pair by slot ref: 0 staged, 1 full, 3 stale, or a
+-- negative code.
+function _M.publish_ref(h, ref, delta)
+    one_ref[0], one_delta[0] = ref, delta
+    local rc = _M.lib()
+        .resty_counter_stage_publish_refs(h, one_ref, one_delta, 1, one_rc)
     if rc < 0 then
         return rc
     end

@@ -125,6 +125,44 @@ fn a_stale_publisher_never_adds_into_a_reused_slot() {
     });
 }
 
+/// The same race for a publish by ref: a ref made before the slot was
+/// retired, freed and claimed by another key must not add into it.
+#[test]
+fn a_stale_ref_never_adds_into_a_reused_slot() {
+    loom::model(|| {
+        let p = small(1);
+        let m = mem(p);
+        let st = Stage::init(&m, p).unwrap();
+        let folder = st.register(1, &alive).unwrap();
+        let stale = st.register(2, &alive).unwrap();
+        let mut old_ref = 0;
+        st.publish_many(folder, [(&b"old"[..], 1.0)], |_, _, _, r| old_ref = r);
+        let mut dict = HashMap::new();
+        for _ in 0..IDLE_FOLDS {
+            round(&st, folder, &mut dict);
+        }
+        let m2 = m.clone();
+        let t = thread::spawn(move || {
+            let st = Stage::attach(&m2, 1).unwrap();
+            let mut out = Published::Full;
+            st.publish_refs(stale, [(old_ref, 10.0)], |r| out = r);
+            out
+        });
+        round(&st, folder, &mut dict);
+        round(&st, folder, &mut dict);
+        let rn = st.publish(folder, b"new", 100.0);
+        let ro = t.join().unwrap();
+        for _ in 0..IDLE_FOLDS + 3 {
+            round(&st, folder, &mut dict);
+        }
+        let get = |k: &[u8]| dict.get(k).copied().unwrap_or(0.0);
+        let want_old = 1.0 + if ro == Published::Staged { 10.0 } else { 0.0 };
+        let want_new = if rn == Published::Staged { 100.0 } else { 0.0 };
+        assert_eq!(get(b"old"), want_old, "old: {ro:?} new: {rn:?}");
+        assert_eq!(get(b"new"), want_new, "old: {ro:?} new: {rn:?}");
+    });
+}
+
 #[test]
 fn two_folders_never_double_count() {
     loom::model(|| {

@@ -143,7 +143,7 @@ fn publish_many_reports_each_pair() {
     let long = [b'x'; 33];
     let items: Vec<(&[u8], f64)> = vec![(b"k", 1.0), (&long, 1.0), (b"", 1.0), (b"n", f64::NAN)];
     let mut seen = Vec::new();
-    st.publish_many(w, items, |k, _, r| seen.push((k.len(), r)));
+    st.publish_many(w, items, |k, _, r, _| seen.push((k.len(), r)));
     assert_eq!(
         seen,
         vec![
@@ -156,6 +156,104 @@ fn publish_many_reports_each_pair() {
     assert_eq!(st.stats().too_long, 3);
     assert_eq!(st.max_key_len(), 32);
     assert_eq!(st.publish(w, &[b'y'; 32], 1.0), Published::Staged);
+}
+
+/// The slot ref `publish_many` gives for `key` (publishing `delta`).
+fn ref_of(st: &Stage, w: Worker, key: &[u8], delta: f64) -> u64 {
+    let mut out = (Published::Full, 0);
+    st.publish_many(w, [(key, delta)], |_, _, r, slot_ref| out = (r, slot_ref));
+    assert_eq!(out.0, Published::Staged);
+    assert_ne!(out.1, 0, "a staged key has a ref");
+    out.1
+}
+
+/// What `publish_refs` says of each (ref, delta).
+fn by_refs(st: &Stage, w: Worker, items: &[(u64, f64)]) -> Vec<Published> {
+    let mut seen = Vec::new();
+    st.publish_refs(w, items.iter().copied(), |r| seen.push(r));
+    seen
+}
+
+#[test]
+fn a_ref_adds_into_its_keys_slot_like_the_key() {
+    let p = params(64);
+    let mem = region(p);
+    let st = Stage::init(&mem, p).unwrap();
+    let w = st.register(100, &all_alive).unwrap();
+    let keys: Vec<Vec<u8>> = (0..40u8).map(|i| vec![b'k', i]).collect();
+    let refs: Vec<u64> = keys.iter().map(|k| ref_of(&st, w, k, 1.0)).collect();
+    // Again by key: the same slot, so the same ref.
+    for (k, r) in keys.iter().zip(&refs) {
+        assert_eq!(ref_of(&st, w, k, 1.0), *r);
+    }
+    // A batch longer than a prefetch group.
+    let items: Vec<(u64, f64)> = refs.iter().map(|r| (*r, 3.0)).collect();
+    assert!(
+        by_refs(&st, w, &items)
+            .iter()
+            .all(|r| *r == Published::Staged)
+    );
+    for k in &keys {
+        assert_eq!(st.pending(k), 5.0);
+    }
+    assert_eq!(st.stats().published, 120);
+    let got = fold_all(&st, w, 1);
+    assert_eq!(got.len(), 40);
+    assert!(got.values().all(|v| *v == 5.0));
+}
+
+#[test]
+fn a_ref_is_stale_once_its_slot_is_retired_or_reused() {
+    let p = params(1);
+    let mem = region(p);
+    let st = Stage::init(&mem, p).unwrap();
+    let w = st.register(100, &all_alive).unwrap();
+    let old = ref_of(&st, w, b"old", 1.0);
+    fold_all(&st, w, 1);
+    fold_all(&st, w, IDLE_FOLDS as usize);
+    assert_eq!(state(st.slot(0, S_META).load(Relaxed)), RETIRED);
+    assert_eq!(by_refs(&st, w, &[(old, 5.0)]), vec![Published::Stale]);
+    fold_all(&st, w, 1);
+    assert_eq!(state(st.slot(0, S_META).load(Relaxed)), EMPTY);
+    // The one slot, now another key's: the old ref must not add into it.
+    let new = ref_of(&st, w, b"new", 2.0);
+    assert_ne!(new, old, "a new claim, a new generation");
+    assert_eq!(by_refs(&st, w, &[(old, 5.0)]), vec![Published::Stale]);
+    assert_eq!(by_refs(&st, w, &[(new, 1.0)]), vec![Published::Staged]);
+    let got = fold_all(&st, w, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[&b"new".to_vec()], 3.0);
+}
+
+#[test]
+fn a_ref_that_names_no_slot_or_a_bad_delta_is_stale_and_adds_nothing() {
+    let p = params(4);
+    let mem = region(p);
+    let st = Stage::init(&mem, p).unwrap();
+    let w = st.register(100, &all_alive).unwrap();
+    let r = ref_of(&st, w, b"k", 1.0);
+    let beyond = Stage::slot_ref(4, gen_of(st.slot(0, S_META).load(Relaxed)));
+    let seen = by_refs(
+        &st,
+        w,
+        &[
+            (0, 1.0),
+            (beyond, 1.0),
+            (u64::MAX, 1.0),
+            (r ^ 1, 1.0),
+            (r, f64::NAN),
+        ],
+    );
+    assert!(seen.iter().all(|x| *x == Published::Stale), "{seen:?}");
+    assert_eq!(st.pending(b"k"), 1.0);
+    // An empty batch is one empty pass.
+    assert!(by_refs(&st, w, &[]).is_empty());
+    // A sum that would overflow is refused as by key.
+    assert_eq!(
+        by_refs(&st, w, &[(r, f64::MAX), (r, f64::MAX)]),
+        vec![Published::Staged, Published::Full]
+    );
+    assert_eq!(st.stats().full, 1);
 }
 
 #[test]

@@ -14,14 +14,14 @@ local ipairs = ipairs
 
 local _M = {}
 
-local ABI_VERSION = 13
+local ABI_VERSION = 14
 local LIB_NAME = "libresty_counter"
 
 -- Codes of src/ffi.rs and src/ffi_stage.rs the shim tells apart, by the
 -- same names (tests/abi.rs checks each against Rust's).
 local RC_STORED, RC_STORED_EVICTED, RC_RETAINED, RC_DROPPED_CAP = 0, 1, 2, 4
 local STAGED, STAGE_FULL = 0, 1 -- per pair of a publish: in it, full
-local BATCH = 256 -- keys per resty_counter_stage_publish_batch
+local BATCH = 256 -- keys per resty_counter_stage_publish_batch and _refs
 _M.RC_STORED, _M.RC_STORED_EVICTED = RC_STORED, RC_STORED_EVICTED
 _M.RC_RETAINED, _M.RC_DROPPED_CAP = RC_RETAINED, RC_DROPPED_CAP
 _M.STAGED, _M.STAGE_FULL, _M.BATCH = STAGED, STAGE_FULL, BATCH
@@ -107,7 +107,9 @@ resty_counter_stage *resty_counter_stage_attach(resty_counter_flusher *f,
 void resty_counter_stage_free(resty_counter_stage *h);
 int32_t resty_counter_stage_publish_batch(resty_counter_stage *h,
     const unsigned char **keys, const size_t *lens, const double *deltas,
-    uint32_t n, int32_t *rcs);
+    uint32_t n, int32_t *rcs, double *refs);
+int32_t resty_counter_stage_publish_refs(resty_counter_stage *h,
+    const double *refs, const double *deltas, uint32_t n, int32_t *rcs);
 typedef struct {
     double written, evicted, failed;
 } resty_counter_fold_result;
@@ -141,7 +143,8 @@ local STATS_FIELDS = {
 }
 local lib -- the loaded library, once a real shared dict needs it
 local int32_out, attach_out, stats_out, end_out, value_out, fold_out, info_out
-local batch_keys, batch_lens, batch_deltas, batch_rcs
+local batch_keys, batch_lens, batch_deltas, batch_rcs, batch_refs
+local ref_ids, ref_deltas, ref_rcs
 
 -- Who reads the library and the buffers as upvalues: bind(f) calls
 -- f(abi) once the library is loaded (at once if it is).
@@ -187,12 +190,18 @@ local function load_library()
     batch_lens = ffi.new("size_t[?]", BATCH)
     batch_deltas = ffi.new("double[?]", BATCH)
     batch_rcs = ffi.new("int32_t[?]", BATCH)
+    batch_refs = ffi.new("double[?]", BATCH)
+    ref_ids = ffi.new("double[?]", BATCH)
+    ref_deltas = ffi.new("double[?]", BATCH)
+    ref_rcs = ffi.new("int32_t[?]", BATCH)
     _M.lib, _M.int32_out, _M.stats_out, _M.end_out =
         lib, int32_out, stats_out, end_out
     _M.value_out, _M.fold_out, _M.info_out = value_out, fold_out, info_out
     _M.attach_out = attach_out
     _M.batch_keys, _M.batch_lens = batch_keys, batch_lens
     _M.batch_deltas, _M.batch_rcs = batch_deltas, batch_rcs
+    _M.batch_refs = batch_refs
+    _M.ref_ids, _M.ref_deltas, _M.ref_rcs = ref_ids, ref_deltas, ref_rcs
     for _, f in ipairs(binders) do
         f(_M)
     end

@@ -117,6 +117,8 @@ local function stage_of(self)
     self.stage = ffi.gc(h, function(p)
         l.resty_counter_stage_free(p)
     end)
+    -- The slot refs this handle gave (key -> ref; resty.counter.sync).
+    self.refs, self.nrefs = {}, 0
     local r = l.resty_counter_stage_info(h, info_out) == 0 and info_out
     mode_notice(
         self,
@@ -151,6 +153,7 @@ local function leave_stage(self)
     local st = self.stage
     if st then
         self.stage = false
+        self.refs, self.nrefs = nil, 0
         ffi.gc(st, nil)
         lib.resty_counter_stage_free(st)
     end

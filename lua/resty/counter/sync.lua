@@ -26,6 +26,7 @@ local SLICE_PAUSE = 0.001
 local CLOCK_EVERY = 32 -- keys between two looks at the clock
 local KEEP_MAX = 16384 -- larger buffers are kept only if steady
 local FINISH_PASSES = 4 -- sync() that may yield: passes before one at once
+local REFS_SLACK = 4096 -- slot refs kept beyond twice the keys of a drain
 local GUARD_PERIOD = 1 -- a manual counter's timer: waits for exit
 local LEASE_INTERVALS = 3 -- the fold lease lasts this many intervals
 
@@ -52,13 +53,17 @@ local report = log.report
 local fold_lines, sync_lines = log.fold_lines, log.sync_lines
 
 local lib, end_out, fold_out -- once the library is loaded
-local batch_keys, batch_lens, batch_deltas, batch_rcs
+local batch_keys, batch_lens, batch_deltas, batch_rcs, batch_refs
+local ref_ids, ref_deltas, ref_rcs
 abi.bind(function(a)
     lib, end_out, fold_out = a.lib, a.end_out, a.fold_out
     batch_keys, batch_lens = a.batch_keys, a.batch_lens
     batch_deltas, batch_rcs = a.batch_deltas, a.batch_rcs
+    batch_refs = a.batch_refs
+    ref_ids, ref_deltas, ref_rcs = a.ref_ids, a.ref_deltas, a.ref_rcs
 end)
 local batch_strs = {} -- the same keys as Lua strings, for the fallback
+local ref_strs = {} -- the keys of the refs batch
 
 ---------------------------------------------------------------------------
 -- Flush (native): hand (key, delta) pairs to Rust; log.report logs what
@@ -68,6 +73,8 @@ local batch_strs = {} -- the same keys as Lua strings, for the fallback
 -- ones the stage refuses (full, too long) directly. Once all m are
 -- handed over they leave the buffer t, then the outcomes are reported: a
 -- sync that raises while reporting does not hand them over twice.
+-- Each staged key's slot ref goes into self.refs, for the next sync's
+-- publish_refs.
 local function publish_batch(self, t, m, st)
     local staged = lib.resty_counter_stage_publish_batch(
         st,
@@ -75,16 +82,24 @@ local function publish_batch(self, t, m, st)
         batch_lens,
         batch_deltas,
         m,
-        batch_rcs
+        batch_rcs,
+        batch_refs
     )
     local all = staged == m
+    local refs = self.refs
     if all then
         self.published = self.published + m
+        self.nrefs = self.nrefs + m
+        for i = 0, m - 1 do
+            refs[batch_strs[i]] = batch_refs[i]
+        end
     else
         local add, h = lib.resty_counter_flusher_write, self.handle
         for i = 0, m - 1 do
             if staged >= 0 and batch_rcs[i] == STAGED then
                 self.published = self.published + 1
+                self.nrefs = self.nrefs + 1
+                refs[batch_strs[i]] = batch_refs[i]
                 batch_rcs[i] = RC_STORED -- nothing to report
             else
                 if staged >= 0 and batch_rcs[i] == STAGE_FULL then
@@ -108,6 +123,57 @@ local function publish_batch(self, t, m, st)
             report(self, batch_strs[i], rc)
         end
     end
+end
+
+-- Publishes the first r pairs of the refs batch (keys staged at an earlier
+-- sync, by the ref of their slot: no key read, no hash, no compare in
+-- Rust) in one call; the staged ones leave the buffer t. A key whose ref is
+-- stale (its slot was retired or reused meanwhile) or that did not go in
+-- (full) is forgotten and added to the keyed batch, m pairs long, which is
+-- published when it fills. When Rust says the refs expired (the stage has
+-- reclaimed so many slots that a ref might name a slot reused under the
+-- same generation), or on any error, every ref is forgotten and the whole
+-- batch goes by key. Returns the keyed batch's new length.
+local function publish_refs(self, t, r, st, m)
+    local staged = lib.resty_counter_stage_publish_refs(
+        st,
+        ref_ids,
+        ref_deltas,
+        r,
+        ref_rcs
+    )
+    if staged == r then
+        self.published = self.published + r
+        for i = 0, r - 1 do
+            t[ref_strs[i]] = nil
+        end
+        return m
+    end
+    if staged < 0 then
+        self.refs, self.nrefs = {}, 0
+    end
+    local refs = self.refs
+    for i = 0, r - 1 do
+        local key = ref_strs[i]
+        if staged >= 0 and ref_rcs[i] == STAGED then
+            self.published = self.published + 1
+            t[key] = nil
+        else
+            if staged >= 0 then
+                refs[key] = nil
+                self.nrefs = self.nrefs - 1
+            end
+            batch_keys[m], batch_lens[m], batch_deltas[m] =
+                key, #key, ref_deltas[i]
+            batch_strs[m] = key
+            m = m + 1
+            if m == BATCH then
+                publish_batch(self, t, m, st)
+                m = 0
+            end
+        end
+    end
+    return m
 end
 
 -- The end of a slice of a sync: other runnable processes of this CPU get
@@ -152,21 +218,34 @@ local function drain(self, budget, st)
     local h, add = self.handle, lib.resty_counter_flusher_write
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
-    local n, m, paused = 0, 0, false
+    local n, m, r, paused = 0, 0, 0, false
+    local refs = st and self.refs
     -- Every pass starts from the table's first key: LuaJIT compiles a
     -- pairs() loop as such only while every run of it does (one run that
     -- started from a key made that loop call next() per key, a hash
     -- lookup each, in every later drain).
     for key, delta in pairs(t) do
         if st then
-            -- A Lua string converts to a pointer into itself; batch_strs
-            -- keeps every key alive until the batch is published.
-            batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
-            batch_strs[m] = key
-            m = m + 1
-            if m == BATCH then
-                publish_batch(self, t, m, st)
-                m = 0
+            local ref = refs[key]
+            if ref then
+                ref_ids[r], ref_deltas[r] = ref, delta
+                ref_strs[r] = key
+                r = r + 1
+                if r == BATCH then
+                    m = publish_refs(self, t, r, st, m)
+                    r = 0
+                end
+            else
+                -- A Lua string converts to a pointer into itself;
+                -- batch_strs keeps every key alive until the batch is
+                -- published.
+                batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+                batch_strs[m] = key
+                m = m + 1
+                if m == BATCH then
+                    publish_batch(self, t, m, st)
+                    m = 0
+                end
             end
         else
             local rc = add(h, key, #key, delta)
@@ -177,6 +256,10 @@ local function drain(self, budget, st)
         end
         n = n + 1
         if deadline and n % CLOCK_EVERY == 0 and clock() >= deadline then
+            if r > 0 then
+                m = publish_refs(self, t, r, st, m)
+                r = 0
+            end
             if m > 0 then
                 publish_batch(self, t, m, st)
                 m = 0
@@ -185,6 +268,9 @@ local function drain(self, budget, st)
             paused = true
             deadline = clock() + budget
         end
+    end
+    if r > 0 then
+        m = publish_refs(self, t, r, st, m)
     end
     if m > 0 then
         publish_batch(self, t, m, st)
@@ -361,7 +447,14 @@ end
 -- stall the event loop. One pass: what it misses waits for the next sync.
 local function sync_sliced(self)
     retry_sliced(self)
-    drained(self, (drain(self, SLICE_SECONDS, stage_of(self) or nil)))
+    local st = stage_of(self) or nil
+    local n = drain(self, SLICE_SECONDS, st)
+    drained(self, n)
+    -- Refs of keys no longer changed (and of keys re-staged after their
+    -- ref went stale) are dropped now and then, all at once.
+    if st and self.nrefs > 2 * n + REFS_SLACK then
+        self.refs, self.nrefs = {}, 0
+    end
     fold_sliced(self)
 end
 
