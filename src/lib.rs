@@ -29,14 +29,14 @@
 //!    Lua table; the first increment of a key in an interval, and every bad
 //!    input, goes through `incr_slow`.
 //! 2. `tick` (`timer.lua`), the dict's `ngx.timer.every` callback, calls
-//!    `run_sync(self, sync_sliced)` (`sync.lua`, as are `swap`, `drain`,
-//!    `publish_batch` and `fold_sliced` below): `resty_counter_flusher_begin`,
-//!    the body, then `end_sync` (`resty_counter_flusher_end`).
+//!    `run_sync(self, sync_sliced)` (`sync.lua`, as are `drain`,
+//!    `publish_batch`, `publish_refs` and `fold_sliced` below):
+//!    `resty_counter_flusher_begin`, the body, then `end_sync`
+//!    (`resty_counter_flusher_end`).
 //! 3. `sync_sliced` calls `resty_counter_flusher_retry(h, SLICE_SECONDS)`
-//!    until it returns 0 (`pause` between calls), then `swap` (the buffer
-//!    moves to `self.draining`, a spare table takes its place; skipped
-//!    while a drain is still under way, which goes on instead), then
-//!    `drain(self, SLICE_SECONDS, nil)`, which calls `pause` inside its
+//!    until it returns 0 (`pause` between calls), then
+//!    `drain(self, SLICE_SECONDS, nil)`, which walks the buffer in place
+//!    (each key leaves it once handed over) and calls `pause` inside its
 //!    loop after each slice: `resty_counter_slice_end` (`ffi.rs`) lets
 //!    other runnable processes of the CPU run (`sched_yield`), then
 //!    `ngx.sleep(SLICE_PAUSE)` follows when it finds work waiting for the
@@ -54,16 +54,20 @@
 //! Staged path (two or more workers and a stage zone):
 //! 1. `_M.incr` as above.
 //! 2. `tick` → `run_sync(self, sync_sliced)` as above.
-//! 3. `sync_sliced`: the retries and `swap` as above, then `stage_of`
+//! 3. `sync_sliced`: the retries as above, then `stage_of`
 //!    (`stage.lua`; at a worker's first sync `resty_counter_stage_attach` in
 //!    `ffi_stage.rs`: `zone::ZoneStage::attach`, which finds or makes the
 //!    dict's region through the [`directory::Directory`]), then
-//!    `drain(self, SLICE_SECONDS, self.stage)` per slice.
-//! 4. `drain` fills the batch arrays and calls `publish_batch` every
-//!    `BATCH` keys and at a slice's end: `resty_counter_stage_publish_batch`
-//!    → [`stage::Stage::publish_many`]; each pair the stage refuses (full,
-//!    too long) goes to `resty_counter_flusher_write` at once, as on the
-//!    direct path (`fallback_writes`).
+//!    `drain(self, SLICE_SECONDS, self.stage)`.
+//! 4. `drain` fills two sets of batch arrays: keys this worker staged
+//!    before, by the ref of their slot (`self.refs`), go to `publish_refs`
+//!    (`resty_counter_stage_publish_refs` → [`stage::Stage::publish_refs`]);
+//!    the others, and those whose ref is stale, to `publish_batch`
+//!    (`resty_counter_stage_publish_batch` → [`stage::Stage::publish_many`],
+//!    which gives each staged key's ref), every `BATCH` keys and at a
+//!    slice's end. Each pair the stage refuses (full, too long) goes to
+//!    `resty_counter_flusher_write` at once, as on the direct path
+//!    (`fallback_writes`).
 //! 5. `fold_sliced(self)` (mode 0) calls `resty_counter_stage_fold` with
 //!    `SLICE_SECONDS` until it returns 1 (round done) or `RC_BUSY` (another
 //!    worker holds the lease), with `pause` between calls; then

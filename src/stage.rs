@@ -75,8 +75,7 @@ pub const PROBE_LIMIT: usize = 64;
 /// Keys hashed ahead in a batch publish, so their cache misses overlap.
 const GROUP: usize = 8;
 /// Refs whose slots are touched ahead in a publish by ref: a ref needs
-/// no hash, so the misses of a longer run overlap (16 workers, 20k keys,
-/// five alternated runs: 229 ms of worker CPU over 6 s against 242 with 8).
+/// no hash, so the misses of a longer run can overlap.
 const REF_GROUP: usize = 64;
 /// Slots ahead of the fold's walk whose lines it asks for (`touch`).
 const FOLD_AHEAD: usize = 16;
