@@ -9,8 +9,9 @@
 -- all workers is read from /proc/<pid>/schedstat over SCALE_SECS after a
 -- warm-up; the "control" contender runs the same loop over the keys without
 -- counting, and its CPU is subtracted from the others'. Contenders are
--- alternated round by round (the order rotates) and the figures are medians
--- over the rounds.
+-- alternated round by round (the order rotates); the CPU figures are
+-- medians over the rounds, and a ratio to the original is the median of
+-- each round's own ratio (see paired_ratio).
 --
 -- Contenders:
 --   control   the key loop alone
@@ -225,6 +226,23 @@ for _, n in ipairs(WORKERS) do
 end
 csv:close()
 
+-- The ratio to the original: each round runs every contender back to
+-- back, so the round's own ratio, (contender - control) / (original -
+-- control), cancels what drifts between rounds on a shared machine (a
+-- neighbour's load moved whole rounds by 20% in earlier runs); the median
+-- over rounds of those ratios.
+local function paired_ratio(r, m)
+    local ratios = {}
+    for i = 1, #r[m].cpu do
+        local c = r.control and r.control.cpu[i] or 0
+        local o = r.original.cpu[i] - c
+        if o > 0 then
+            ratios[#ratios + 1] = (r[m].cpu[i] - c) / o
+        end
+    end
+    return stats.median(ratios)
+end
+
 -- The goals. Never worse than the original, at any worker count: the
 -- direct path (what runs without a stage zone) at most 1.05x; resty.counter
 -- with the stage zone at most 1.05x with one worker (the direct path runs
@@ -268,9 +286,10 @@ for _, n in ipairs(WORKERS) do
             if m ~= "control" then
                 local cpu = median(r[m].cpu) - control
                 local w = m == "original" and n * k or median(r[m].writes)
+                local x = orig and paired_ratio(r, m)
                 local g, result = "", ""
-                if (m == "project" or m == "direct") and orig then
-                    g, result = goal(m, n, cpu / orig, w / k)
+                if (m == "project" or m == "direct") and x then
+                    g, result = goal(m, n, x, w / k)
                     tally[result] = tally[result] + 1
                 end
                 print(
@@ -279,7 +298,7 @@ for _, n in ipairs(WORKERS) do
                         k,
                         m,
                         cpu,
-                        orig and ("%.2fx"):format(cpu / orig) or "-",
+                        x and ("%.2fx"):format(x) or "-",
                         w / k,
                         r[m].errors,
                         g,
