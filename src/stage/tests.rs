@@ -86,6 +86,32 @@ fn init_then_attach_validates_the_header() {
 }
 
 #[test]
+fn every_word_of_every_slot_is_its_own_and_the_hot_words_are_packed() {
+    let p = Params {
+        key_words: 5,
+        ..params(7)
+    };
+    let mem = region(p);
+    let st = Stage::init(&mem, p).unwrap();
+    let at = |w: &AtomicU64| (w as *const AtomicU64 as usize - mem.as_ptr() as usize) / 8;
+    let mut seen = std::collections::HashSet::new();
+    for s in 0..p.slots {
+        for field in [S_META, S_DELTA, S_IDLE, S_EPOCH] {
+            assert!(seen.insert(at(st.slot(s, field))), "slot {s} field {field}");
+        }
+        for j in 0..p.key_words {
+            assert!(seen.insert(st.key_base(s) + j), "slot {s} key word {j}");
+        }
+        // Meta and delta side by side, slot after slot: four to a line.
+        assert_eq!(at(st.slot(s, S_DELTA)), at(st.slot(s, S_META)) + 1);
+        assert_eq!(at(st.slot(s, S_META)), at(st.slot(0, S_META)) + 2 * s);
+    }
+    let first = HEADER_WORDS + p.registry * ENTRY_WORDS;
+    assert_eq!(seen.len(), p.region_words() - first, "no word unused");
+    assert!(seen.iter().all(|w| *w >= first && *w < p.region_words()));
+}
+
+#[test]
 fn init_refuses_bad_params_and_small_regions() {
     let p = params(16);
     let mem = region(p);
