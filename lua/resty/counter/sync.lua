@@ -125,6 +125,21 @@ local function publish_batch(self, t, m, st)
     end
 end
 
+-- Adds (key, delta) to the keyed batch, m pairs long, and publishes it
+-- when it fills; returns its new length.
+local function add_keyed(self, t, st, m, key, delta)
+    -- A Lua string converts to a pointer into itself; batch_strs keeps
+    -- every key alive until the batch is published.
+    batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
+    batch_strs[m] = key
+    m = m + 1
+    if m == BATCH then
+        publish_batch(self, t, m, st)
+        m = 0
+    end
+    return m
+end
+
 -- Publishes the first r pairs of the refs batch (keys staged at an earlier
 -- sync, by the ref of their slot: no key read, no hash, no compare in
 -- Rust) in one call; the staged ones leave the buffer t. A key whose ref is
@@ -163,14 +178,7 @@ local function publish_refs(self, t, r, st, m)
                 refs[key] = nil
                 self.nrefs = self.nrefs - 1
             end
-            batch_keys[m], batch_lens[m], batch_deltas[m] =
-                key, #key, ref_deltas[i]
-            batch_strs[m] = key
-            m = m + 1
-            if m == BATCH then
-                publish_batch(self, t, m, st)
-                m = 0
-            end
+            m = add_keyed(self, t, st, m, key, ref_deltas[i])
         end
     end
     return m
@@ -236,16 +244,7 @@ local function drain(self, budget, st)
                     r = 0
                 end
             else
-                -- A Lua string converts to a pointer into itself;
-                -- batch_strs keeps every key alive until the batch is
-                -- published.
-                batch_keys[m], batch_lens[m], batch_deltas[m] = key, #key, delta
-                batch_strs[m] = key
-                m = m + 1
-                if m == BATCH then
-                    publish_batch(self, t, m, st)
-                    m = 0
-                end
+                m = add_keyed(self, t, st, m, key, delta)
             end
         else
             local rc = add(h, key, #key, delta)
