@@ -61,6 +61,17 @@ local function fold_all(h)
     error("fold lease never became free")
 end
 
+-- How many of the keys prefix .. 1 to prefix .. k do not hold `want` in d.
+local function not_at(d, prefix, k, want)
+    local wrong = 0
+    for i = 1, k do
+        if d:get(prefix .. i) ~= want then
+            wrong = wrong + 1
+        end
+    end
+    return wrong
+end
+
 describe("the shared stage in nginx", function()
     local dict = ngx.shared.stage
     local workers = tonumber(os.getenv("SPEC_NGINX_WORKERS")) or 2
@@ -255,13 +266,11 @@ describe("the shared stage in nginx", function()
                 until c:stats().published >= before + K or ngx.now() > deadline
                 assert.equal(before + K, c:stats().published)
                 assert.is_true(c:sync()) -- folds the whole stage
-                local wrong = 0
-                for i = 1, K do
-                    if dict:get(prefix .. i) ~= want then
-                        wrong = wrong + 1
-                    end
-                end
-                assert.equal(0, wrong, "keys not at " .. want)
+                assert.equal(
+                    0,
+                    not_at(dict, prefix, K, want),
+                    "keys not at " .. want
+                )
                 local n = 0
                 for _ in pairs(c.refs) do
                     n = n + 1
@@ -281,6 +290,56 @@ describe("the shared stage in nginx", function()
             end
             assert.equal(K, interval(3))
             assert.equal(K, c:stats().stage_refs)
+        end
+    )
+
+    it(
+        "a worker that leaves the stage while its automatic sync is between"
+            .. " two slices writes the rest directly, exactly",
+        function()
+            local counter = require("resty.counter")
+            local leave = ngx.shared.leave
+            local h = assert(stage.attach("leave"))
+            local c = counter.new("leave", 0.05)
+            local prefix = "leave-"
+                .. ngx.now()
+                .. "-"
+                .. ngx.worker.pid()
+                .. "-"
+            local K = 20000
+            for i = 1, K do
+                c:incr(prefix .. i, 1)
+            end
+            -- Wait until the automatic sync has published part of them.
+            local published = 0
+            for _ = 1, 5000 do
+                ngx.sleep(0.001)
+                published = c:stats().published
+                if published > 0 then
+                    break
+                end
+            end
+            assert.is_true(
+                published > 0 and published < K,
+                "not between two slices: " .. published .. " published"
+            )
+            -- What an exit does: the handle is freed.
+            require("resty.counter.stage").leave_stage(c)
+            -- The automatic sync goes on after its pause, then ends.
+            local deadline = ngx.now() + 10
+            repeat
+                ngx.sleep(0.01)
+                ngx.update_time()
+            until c:stats().buffered_keys == 0 or ngx.now() > deadline
+            assert.is_true(c:sync())
+            fold_all(h) -- what was published before the leave
+            assert.equal(0, not_at(leave, prefix, K, 1), "keys not at 1")
+            assert.is_false(c:stats().stage)
+            -- And the automatic sync went on without raising.
+            local f = assert(io.open(ngx.config.prefix() .. "logs/error.log"))
+            local log = f:read("*a")
+            f:close()
+            assert.is_nil(log:find('dict "leave" raised', 1, true), "it raised")
         end
     )
 

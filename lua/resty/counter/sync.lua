@@ -242,6 +242,7 @@ local function drain(self, budget, st)
                 if r == BATCH then
                     m = publish_refs(self, t, r, st, m)
                     r = 0
+                    refs = self.refs -- a new table if they expired
                 end
             else
                 m = add_keyed(self, t, st, m, key, delta)
@@ -264,6 +265,12 @@ local function drain(self, budget, st)
                 m = 0
             end
             pause()
+            -- The worker may have left the stage during the pause (exit):
+            -- its handle is freed, so the rest goes straight into the dict.
+            if st and self.stage ~= st then
+                st = nil
+            end
+            refs = st and self.refs -- a new table if they expired
             paused = true
             deadline = clock() + budget
         end
