@@ -289,7 +289,9 @@ fn refs_expired(since: &mut u64, now: u64) -> bool {
 /// Adds `n` deltas into the stage by slot ref, in one pass: `refs[i]` is
 /// what [`resty_counter_stage_publish_batch`] said of an earlier publish of
 /// the same key, and `rcs[i]` says what became of `deltas[i]`: `STAGED`,
-/// `STAGE_FULL` (write it directly), or `STAGE_STALE`: the slot no longer
+/// `STAGE_FULL` (the sum would not be finite; not counted in the stage's
+/// stats: publish it by key, which refuses and counts it), or
+/// `STAGE_STALE`: the slot no longer
 /// holds that key, or `refs[i]` is not a ref; nothing was added: publish
 /// the pair by key and forget the ref. Returns how many were staged, or
 /// `RC_REFS_EXPIRED` when the stage has reclaimed `REF_SPAN` slots since

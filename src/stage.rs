@@ -679,7 +679,7 @@ impl<'a> Stage<'a> {
         F: FnMut(Published),
     {
         self.begin_pass(w);
-        let (mut staged, mut full) = (0u64, 0u64);
+        let mut staged = 0u64;
         let mut items = items.into_iter().peekable();
         let mut group = [(0usize, 0u64, 0.0f64); REF_GROUP];
         loop {
@@ -707,10 +707,8 @@ impl<'a> Stage<'a> {
                         Published::Stale
                     }
                 };
-                match r {
-                    Published::Staged => staged += 1,
-                    Published::Full => full += 1,
-                    _ => {}
+                if r == Published::Staged {
+                    staged += 1;
                 }
                 each(r);
             }
@@ -719,10 +717,10 @@ impl<'a> Stage<'a> {
             }
         }
         self.end_pass(w);
-        for (i, n) in [(ST_PUBLISHED, staged), (ST_FULL, full)] {
-            if n > 0 {
-                self.w(i).fetch_add(n, Relaxed);
-            }
+        // A refused pair is not counted here: the caller publishes it by
+        // key, which counts it if it is refused again.
+        if staged > 0 {
+            self.w(ST_PUBLISHED).fetch_add(staged, Relaxed);
         }
     }
 
