@@ -3,32 +3,12 @@
 
 local counter = require("resty.counter")
 
-local function error_log_since(offset)
-    local f = assert(io.open(ngx.config.prefix() .. "logs/error.log", "rb"))
-    f:seek("set", offset)
-    local text = f:read("*a")
-    f:close()
-    return text
-end
-
-local function error_log_size()
-    local f = assert(io.open(ngx.config.prefix() .. "logs/error.log", "rb"))
-    local size = f:seek("end")
-    f:close()
-    return size
-end
-
--- How many of the keys prefix..1 to prefix..k of dict `d` do not hold
--- `want` (nil: each key its own index i).
-local function not_at(d, prefix, k, want)
-    local n = 0
-    for i = 1, k do
-        if d:get(prefix .. i) ~= (want or i) then
-            n = n + 1
-        end
-    end
-    return n
-end
+local in_worker = require("spec.support.in_worker")
+local error_log_since, error_log_size, not_at, mid_sync =
+    in_worker.error_log_since,
+    in_worker.error_log_size,
+    in_worker.not_at,
+    in_worker.mid_sync
 
 local function count(text, plain)
     local n, from = 0, 1
@@ -628,37 +608,12 @@ describe("resty.counter in nginx", function()
         end
     )
 
-    -- A counter on dict `name` (synced every 50 ms, no stage) with the keys
-    -- prefix..1 to prefix..k at 1, returned once its automatic sync is
-    -- between two of its slices: this handler's 1 ms sleeps are timers
-    -- falling due, so the sync pauses after each slice, and this handler
-    -- runs between two of them.
-    local function mid_sync(name, prefix, k)
-        local ac = counter.new(name, 0.05, nil, { stage = false })
-        for i = 1, k do
-            ac:incr(prefix .. i, 1)
-        end
-        local flushed = 0
-        for _ = 1, 5000 do
-            ngx.sleep(0.001)
-            flushed = ac:stats().keys_flushed or 0
-            if flushed > 0 then
-                break
-            end
-        end
-        assert.is_true(
-            flushed > 0 and flushed < k,
-            "not between two slices: " .. flushed .. " keys written"
-        )
-        return ac
-    end
-
     it(
         "a sync() that takes over the automatic sync's drain between two "
             .. "of its slices hands each key over once",
         function()
             local K = 40000
-            local tc = mid_sync("takeover", "t", K)
+            local tc = mid_sync("takeover", "t", K, { stage = false })
             assert.is_true(tc:sync())
             local td = ngx.shared.takeover
             local wrong = not_at(td, "t", K, 1)
@@ -678,7 +633,7 @@ describe("resty.counter in nginx", function()
             -- its slices to keys it already handed over must move with the
             -- buffer to the fresh table.
             local K = 40000
-            local bc = mid_sync("burst", "b", K)
+            local bc = mid_sync("burst", "b", K, { stage = false })
             for i = 1, K do
                 bc:incr("b" .. i, 1)
             end

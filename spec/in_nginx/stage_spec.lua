@@ -5,6 +5,8 @@
 
 local stage = require("spec.support.stage")
 local http = require("spec.support.http")
+local in_worker = require("spec.support.in_worker")
+local not_at = in_worker.not_at
 
 local DIRECTORY_KEY = "resty.counter.directory"
 
@@ -59,17 +61,6 @@ local function fold_all(h)
         ngx.update_time()
     until ngx.now() > deadline
     error("fold lease never became free")
-end
-
--- How many of the keys prefix .. 1 to prefix .. k do not hold `want` in d.
-local function not_at(d, prefix, k, want)
-    local wrong = 0
-    for i = 1, k do
-        if d:get(prefix .. i) ~= want then
-            wrong = wrong + 1
-        end
-    end
-    return wrong
 end
 
 describe("the shared stage in nginx", function()
@@ -259,11 +250,9 @@ describe("the shared stage in nginx", function()
                 for i = 1, K do
                     c:incr(prefix .. i, 1)
                 end
-                local deadline = ngx.now() + 10
-                repeat
-                    ngx.sleep(0.01)
-                    ngx.update_time()
-                until c:stats().published >= before + K or ngx.now() > deadline
+                in_worker.wait_until(function()
+                    return c:stats().published >= before + K
+                end)
                 assert.equal(before + K, c:stats().published)
                 assert.is_true(c:sync()) -- folds the whole stage
                 assert.equal(
@@ -297,49 +286,34 @@ describe("the shared stage in nginx", function()
         "a worker that leaves the stage while its automatic sync is between"
             .. " two slices writes the rest directly, exactly",
         function()
-            local counter = require("resty.counter")
             local leave = ngx.shared.leave
             local h = assert(stage.attach("leave"))
-            local c = counter.new("leave", 0.05)
+            local log_at = in_worker.error_log_size()
             local prefix = "leave-"
                 .. ngx.now()
                 .. "-"
                 .. ngx.worker.pid()
                 .. "-"
             local K = 20000
-            for i = 1, K do
-                c:incr(prefix .. i, 1)
-            end
-            -- Wait until the automatic sync has published part of them.
-            local published = 0
-            for _ = 1, 5000 do
-                ngx.sleep(0.001)
-                published = c:stats().published
-                if published > 0 then
-                    break
-                end
-            end
-            assert.is_true(
-                published > 0 and published < K,
-                "not between two slices: " .. published .. " published"
-            )
+            local c = in_worker.mid_sync("leave", prefix, K)
+            assert.is_true(c:stats().published > 0, "by the stage")
             -- What an exit does: the handle is freed.
             require("resty.counter.stage").leave_stage(c)
             -- The automatic sync goes on after its pause, then ends.
-            local deadline = ngx.now() + 10
-            repeat
-                ngx.sleep(0.01)
-                ngx.update_time()
-            until c:stats().buffered_keys == 0 or ngx.now() > deadline
+            in_worker.wait_until(function()
+                return c:stats().buffered_keys == 0
+            end)
             assert.is_true(c:sync())
             fold_all(h) -- what was published before the leave
             assert.equal(0, not_at(leave, prefix, K, 1), "keys not at 1")
             assert.is_false(c:stats().stage)
             -- And the automatic sync went on without raising.
-            local f = assert(io.open(ngx.config.prefix() .. "logs/error.log"))
-            local log = f:read("*a")
-            f:close()
-            assert.is_nil(log:find('dict "leave" raised', 1, true), "it raised")
+            assert.is_nil(
+                in_worker
+                    .error_log_since(log_at)
+                    :find('dict "leave" raised', 1, true),
+                "it raised"
+            )
         end
     )
 
