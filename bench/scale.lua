@@ -280,13 +280,12 @@ for _, n in ipairs(WORKERS) do
     for _, k in ipairs(KEYS) do
         local r = results[n][k]
         local control = r.control and median(r.control.cpu) or 0
-        local orig = r.original and median(r.original.cpu) - control
         local row = { n }
         for _, m in ipairs(CONTENDERS) do
             if m ~= "control" then
                 local cpu = median(r[m].cpu) - control
                 local w = m == "original" and n * k or median(r[m].writes)
-                local x = orig and paired_ratio(r, m)
+                local x = r.original and paired_ratio(r, m)
                 local g, result = "", ""
                 if (m == "project" or m == "direct") and x then
                     g, result = goal(m, n, x, w / k)

@@ -86,20 +86,13 @@ local function publish_batch(self, t, m, st)
         batch_refs
     )
     local all = staged == m
-    local refs = self.refs
     if all then
         self.published = self.published + m
-        self.nrefs = self.nrefs + m
-        for i = 0, m - 1 do
-            refs[batch_strs[i]] = batch_refs[i]
-        end
     else
         local add, h = lib.resty_counter_flusher_write, self.handle
         for i = 0, m - 1 do
             if staged >= 0 and batch_rcs[i] == STAGED then
                 self.published = self.published + 1
-                self.nrefs = self.nrefs + 1
-                refs[batch_strs[i]] = batch_refs[i]
                 batch_rcs[i] = RC_STORED -- nothing to report
             else
                 if staged >= 0 and batch_rcs[i] == STAGE_FULL then
@@ -111,9 +104,17 @@ local function publish_batch(self, t, m, st)
             end
         end
     end
+    -- The batch's keys leave the buffer; a staged one's ref (0 for the
+    -- others) is kept.
+    local refs, nrefs = self.refs, self.nrefs
     for i = 0, m - 1 do
-        t[batch_strs[i]] = nil
+        local key = batch_strs[i]
+        t[key] = nil
+        if staged >= 0 and batch_refs[i] ~= 0 then
+            refs[key], nrefs = batch_refs[i], nrefs + 1
+        end
     end
+    self.nrefs = nrefs
     if all then
         return
     end
@@ -227,14 +228,14 @@ local function drain(self, budget, st)
     local clock = lib.resty_counter_clock
     local deadline = budget and clock() + budget
     local n, m, r, paused = 0, 0, 0, false
-    local refs = st and self.refs
     -- Every pass starts from the table's first key: LuaJIT compiles a
     -- pairs() loop as such only while every run of it does (one run that
     -- started from a key made that loop call next() per key, a hash
     -- lookup each, in every later drain).
     for key, delta in pairs(t) do
         if st then
-            local ref = refs[key]
+            -- self.refs: a new table once they expired.
+            local ref = self.refs[key]
             if ref then
                 ref_ids[r], ref_deltas[r] = ref, delta
                 ref_strs[r] = key
@@ -242,7 +243,6 @@ local function drain(self, budget, st)
                 if r == BATCH then
                     m = publish_refs(self, t, r, st, m)
                     r = 0
-                    refs = self.refs -- a new table if they expired
                 end
             else
                 m = add_keyed(self, t, st, m, key, delta)
@@ -270,7 +270,6 @@ local function drain(self, budget, st)
             if st and self.stage ~= st then
                 st = nil
             end
-            refs = st and self.refs -- a new table if they expired
             paused = true
             deadline = clock() + budget
         end
