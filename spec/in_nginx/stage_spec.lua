@@ -100,7 +100,7 @@ describe("the shared stage in nginx", function()
     it("leaves the counter dict holding nothing but the counters", function()
         local h = assert(stage.attach("stage"))
         fold_all(h)
-        local key = "only-counters-" .. ngx.worker.pid() .. "-" .. ngx.now()
+        local key = in_worker.unique("only-counters")
         assert.equal(0, stage.publish(h, key, 3))
         fold_all(h)
         assert.equal(3, dict:get(key))
@@ -119,7 +119,7 @@ describe("the shared stage in nginx", function()
         function()
             local h = assert(stage.attach("stage"))
             fold_all(h) -- start from an empty stage
-            local key = "stage-spec-" .. ngx.worker.pid() .. "-" .. ngx.now()
+            local key = in_worker.unique("stage-spec")
             local before = stage.info(h)
             local sent, n = 0, 0
             local seen = poll(function(i)
@@ -217,7 +217,7 @@ describe("the shared stage in nginx", function()
         function()
             local h = assert(stage.attach("stage"))
             fold_all(h)
-            local key = "by-ref-" .. ngx.now() .. "-" .. ngx.worker.pid()
+            local key = in_worker.unique("by-ref")
             local rc, ref = stage.publish(h, key, 1)
             assert.equal(0, rc)
             assert.is_true(ref >= 1 and ref < 2 ^ 53 and ref % 1 == 0, ref)
@@ -239,11 +239,7 @@ describe("the shared stage in nginx", function()
         function()
             local counter = require("resty.counter")
             local c = counter.new("stage", 0.05)
-            local prefix = "refs-"
-                .. ngx.now()
-                .. "-"
-                .. ngx.worker.pid()
-                .. "-"
+            local prefix = in_worker.unique("refs")
             local K = 600
             local function interval(want)
                 local before = c:stats().published
@@ -289,11 +285,7 @@ describe("the shared stage in nginx", function()
             local leave = ngx.shared.leave
             local h = assert(stage.attach("leave"))
             local log_at = in_worker.error_log_size()
-            local prefix = "leave-"
-                .. ngx.now()
-                .. "-"
-                .. ngx.worker.pid()
-                .. "-"
+            local prefix = in_worker.unique("leave")
             local K = 20000
             local c = in_worker.mid_sync("leave", prefix, K)
             assert.is_true(c:stats().published > 0, "by the stage")
@@ -322,10 +314,7 @@ describe("the shared stage in nginx", function()
         local h = assert(stage.attach("stage"))
         local c = counter.new("stage") -- manual: no timer folds
         fold_all(h)
-        local key = "published-then-sync-"
-            .. ngx.now()
-            .. "-"
-            .. ngx.worker.pid()
+        local key = in_worker.unique("published-then-sync")
         assert.equal(0, stage.publish(h, key, 5))
         assert.is_nil(dict:get(key))
         assert.is_true(c:sync())

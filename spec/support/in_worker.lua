@@ -10,6 +10,8 @@
 --       -- a counter on dict `name` (synced every 50 ms, new()'s opts)
 --       -- with prefix..1 to prefix..k at 1, returned once its automatic
 --       -- sync is between two of its slices
+--   w.unique(name)                   -- name-<pid>-<time>-: keys no other
+--                                    -- run or worker has made
 --   w.wait_until(done, seconds)      -- sleeps 10 ms at a time until done()
 --                                    -- or the seconds (10) have passed
 -- luacheck: globals ngx
@@ -70,6 +72,10 @@ function _M.mid_sync(name, prefix, k, opts)
         "not between two slices: " .. handed .. " keys handed over"
     )
     return c
+end
+
+function _M.unique(name)
+    return name .. "-" .. ngx.worker.pid() .. "-" .. ngx.now() .. "-"
 end
 
 function _M.wait_until(done, seconds)
