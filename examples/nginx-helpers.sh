@@ -25,11 +25,19 @@ eval "$nx_facts"
 unset nx_conf nx_facts
 NX_PORT=
 
+# A port nothing on this host uses: below the kernel's ephemeral range (a
+# client connection, curl's or a package download's, may hold any port in
+# it, and nginx could not bind that port), and no socket of /proc/net/tcp
+# or tcp6 on it, listening or not. nginx may still lose the port to another
+# process before it binds: nx_launch then tries another one.
 nx_free_port() {
-  local p _
+  local low p hex _
+  read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || low=32768
+  [ "$low" -gt 11000 ] || low=32768
   for _ in $(seq 1 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+    p=$((10000 + RANDOM % (low - 10000)))
+    printf -v hex ':%04X ' "$p"
+    if ! grep -q -- "^ *[0-9]*: [0-9A-F]*$hex" /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
       echo "$p"
       return 0
     fi
@@ -82,6 +90,8 @@ nx_launch() {
     grep -q "Address already in use" "$prefix/logs/start.log" \
       "$prefix/logs/error.log" 2>/dev/null || break
     nx_stop "$prefix"
+    # The failed attempt's log goes aside: error.log is the running nginx's.
+    mv "$prefix/logs/error.log" "$prefix/logs/error.log.port-$NX_PORT" 2>/dev/null
   done
   echo "nginx failed to start; its output:" >&2
   cat "$prefix/logs/start.log" "$prefix/logs/error.log" >&2 2>/dev/null

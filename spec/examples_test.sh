@@ -14,9 +14,11 @@ pass() { passed=$((passed + 1)); echo "  ok    $1"; }
 fail() { failed=$((failed + 1)); echo "  FAIL  $1${2:+: $2}"; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/resty-counter-examples.XXXXXX")
-prefix=
+prefix=''
+holder=''
 cleanup() {
   [ -n "$prefix" ] && nx_stop "$prefix"
+  [ -n "$holder" ] && nx_stop "$holder"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -73,6 +75,38 @@ if NX_READY_PATH=/count nx_launch "$repo/examples/plain.conf" "$prefix" "$repo";
   nx_stop "$prefix"
 else
   fail "plain.conf: starts"
+fi
+
+echo "examples: a port taken between the probe and nginx's bind"
+# nx_launch tries another port, and the error log it leaves is the running
+# nginx's alone. The first port offered here is one a running nginx holds.
+holder="$work/holder"
+if NX_READY_PATH=/count nx_launch "$repo/examples/plain.conf" "$holder" "$repo"; then
+  taken=$NX_PORT
+  eval "nx_free_port_probe() $(declare -f nx_free_port | tail -n +2)"
+  nx_free_port() {
+    if [ -e "$work/offered" ]; then nx_free_port_probe; else
+      : >"$work/offered"
+      echo "$taken"
+    fi
+  }
+  prefix="$work/retry"
+  if NX_READY_PATH=/count nx_launch "$repo/examples/plain.conf" "$prefix" "$repo"; then
+    if [ "$NX_PORT" != "$taken" ] && [ "$(get /count | head -1)" = "hits 0" ]; then
+      pass "retry: answers on another port than the taken $taken"
+    else
+      fail "retry: answers on another port than the taken $taken" "port $NX_PORT"
+    fi
+    log_clean retry
+    nx_stop "$prefix"
+  else
+    fail "retry: starts"
+  fi
+  eval "nx_free_port() $(declare -f nx_free_port_probe | tail -n +2)"
+  nx_stop "$holder"
+  holder=
+else
+  fail "retry: the nginx that holds a port starts"
 fi
 
 echo "examples: prometheus_alias.conf"

@@ -99,6 +99,34 @@ describe("spec.support.nginx", function()
         end
     )
 
+    it(
+        "starts on another port when its first is taken, and its error log is the running nginx's",
+        function()
+            local socket = require("socket")
+            local holder = assert(socket.bind("127.0.0.1", 0))
+            local _, taken = holder:getsockname()
+            taken = tonumber(taken)
+            local probe = nginx.free_port
+            local offered = false
+            nginx.free_port = function()
+                if offered then
+                    return probe()
+                end
+                offered = true
+                return taken
+            end
+            local ok, srv = pcall(start)
+            nginx.free_port = probe
+            holder:close()
+            assert(ok, srv)
+            assert.is_true(offered)
+            assert.are_not.equal(taken, srv.port)
+            get_pid(srv)
+            local log = srv:error_log()
+            assert.is_nil(log:find("[emerg]", 1, true), log)
+        end
+    )
+
     it("fails to start with nginx's own diagnosis and cleans up", function()
         local ok, err = pcall(nginx.start, { server = "no_such_directive on;" })
         assert.is_false(ok)

@@ -175,7 +175,10 @@ end
 
 local REPO = find_repo()
 
-local function free_port()
+-- A port the kernel picks as unused. Another process may still take it
+-- before nginx binds it: Server:launch then tries another. A field so that
+-- harness_spec can offer a taken port first.
+function _M.free_port()
     local sock = assert(socket.bind("127.0.0.1", 0))
     local _, port = sock:getsockname()
     sock:close()
@@ -436,10 +439,10 @@ end
 function Server:launch(opts)
     local out
     for _ = 1, PORT_ATTEMPTS do
-        self.port = free_port()
+        self.port = _M.free_port()
         self.url = "http://127.0.0.1:" .. self.port
         if opts.stream or opts.stream_server then
-            self.stream_port = free_port()
+            self.stream_port = _M.free_port()
         end
         write_file(self:conf_path(), render_conf(self, opts))
         local code
@@ -449,6 +452,10 @@ function Server:launch(opts)
         elseif not out:find("Address already in use", 1, true) then
             break
         end
+        -- The failed attempt's log goes aside: error.log is the running
+        -- nginx's (specs read it for [emerg] lines).
+        local log = self:log_path("error")
+        os.rename(log, log .. ".port-" .. self.port)
     end
     return nil, "nginx failed to start:\n" .. out
 end
