@@ -327,20 +327,20 @@ pub unsafe extern "C" fn resty_counter_flusher_write(
     unsafe { write_with(h, key, key_len, delta, Flusher::add) }
 }
 
-/// A flusher's write: [`Flusher::add`] or [`Flusher::write_through`].
-type WriteFn = fn(&mut Flusher<ShDict>, &[u8], f64) -> Result<Outcome, Rejected>;
-
 /// The body of the two write exports: `write` on the handle's flusher,
 /// its outcome or refusal as a code.
 ///
 /// # Safety
 /// As for [`resty_counter_flusher_write`].
+#[inline(always)]
 unsafe fn write_with(
     h: *mut FlusherHandle,
     key: *const u8,
     key_len: usize,
     delta: f64,
-    write: WriteFn,
+    // A flusher's write: [`Flusher::add`] or [`Flusher::write_through`],
+    // inlined into each export (no call through a pointer per key).
+    write: impl FnOnce(&mut Flusher<ShDict>, &[u8], f64) -> Result<Outcome, Rejected>,
 ) -> i32 {
     guard(RC_PANIC, || {
         // SAFETY: h is NULL or live and not aliased during the call; the
@@ -349,6 +349,8 @@ unsafe fn write_with(
             return RC_NULL;
         };
         match write(&mut h.flusher, key, delta) {
+            // The common outcome first: no jump table on a sync's hot path.
+            Ok(Outcome::Stored) => RC_STORED,
             Ok(o) => outcome_code(o),
             Err(Rejected::BadKey) => RC_BAD_KEY,
             Err(Rejected::BadDelta) => RC_BAD_DELTA,
