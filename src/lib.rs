@@ -38,7 +38,8 @@
 //!    `drain(self, SLICE_SECONDS, nil)`, which walks the buffer in place
 //!    (each key leaves it once handed over) and calls `pause` inside its
 //!    loop after each slice: `resty_counter_slice_end` (`ffi.rs`) lets
-//!    other runnable processes of the CPU run (`sched_yield`), then
+//!    other runnable processes of the CPU run (`sched_yield`, at most once
+//!    per `YIELD_EVERY_US` of the sync's work), then
 //!    `ngx.sleep(SLICE_PAUSE)` follows when it finds work waiting for the
 //!    event loop (`event_loop.rs`), else nothing. A manual `c:sync()` runs
 //!    `sync_yielding` (the same in slices, never through the stage) or, in
