@@ -286,14 +286,7 @@ impl<D: Dict> Flusher<D> {
         if !self.pending.is_empty() {
             return Ok(self.add_to_pending(key, delta));
         }
-        match self.dict.incr(key, delta) {
-            Ok(Written { evicted: false }) => {
-                self.stats.keys_flushed += 1;
-                Ok(Outcome::Stored)
-            }
-            Ok(w) => Ok(self.stored(w)),
-            Err(e) => Ok(self.refused(e, || key.into(), delta)),
-        }
+        Ok(self.write_new(key, delta))
     }
 
     /// [`Flusher::add`] of a key that may have a delta pending: merged
@@ -449,6 +442,7 @@ impl<D: Dict> Flusher<D> {
         &mut self.dict
     }
 
+    #[inline]
     fn write_new(&mut self, key: &[u8], delta: f64) -> Outcome {
         match self.dict.incr(key, delta) {
             Ok(w) => self.stored(w),
@@ -456,6 +450,7 @@ impl<D: Dict> Flusher<D> {
         }
     }
 
+    #[inline]
     fn stored(&mut self, w: Written) -> Outcome {
         self.stats.keys_flushed += 1;
         if w.evicted {
