@@ -187,11 +187,11 @@ end
 
 -- The end of a slice of a sync: other runnable processes of this CPU get
 -- it for a moment (sched_yield, at most once a millisecond: other workers,
--- when there are more than cores), then ngx.sleep(SLICE_PAUSE), but only while the event loop has
--- work waiting (an I/O event, a timer due, a posted event:
--- src/event_loop.rs); with nothing waiting the next slice runs at once, as
--- an idle worker's pause would only cost CPU (an idle millisecond, then
--- cold caches).
+-- when there are more than cores), then ngx.sleep(SLICE_PAUSE), but only
+-- while the event loop has work waiting (an I/O event, a timer due, a
+-- posted event: src/event_loop.rs); with nothing waiting the next slice
+-- runs at once, as an idle worker's pause would only cost CPU (an idle
+-- millisecond, then cold caches).
 local function pause()
     if lib.resty_counter_slice_end() ~= 0 then
         ngx.sleep(SLICE_PAUSE)
